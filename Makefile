@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make demo` (the whole chain on the built-in synthetic drive)
+# and `make test`. Both create .venv and install everything they need from PyPI.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# torch is pinned here, in the install step: a bare `torch` would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DATA   ?= data/synthetic
+WORK   ?= work_dirs/demo
+JOBS   ?= 2
+
+.PHONY: install demo test test-slow test-gpu bench clean
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The main job: generate the synthetic drive, prepare info files, train, evaluate, visualize.
+demo: install
+	$(PY) tools/demo.py --data $(DATA) --work-dir $(WORK)
+
+# ALLOW_NO_TESTS=1 (set by .ci/run) turns pytest's "no tests collected" (exit 5) into success.
+test: install
+	@rc=0; $(PY) -m pytest -q -n $(JOBS) --timeout 900 || rc=$$?; \
+	if [ $$rc -eq 5 ] && [ -n "$(ALLOW_NO_TESTS)" ]; then echo "no tests collected"; rc=0; fi; \
+	exit $$rc
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --timeout 3600
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+bench: install
+	$(PY) benchmarks/bench_bev_pool.py
+	$(PY) benchmarks/bench_sparse.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
