@@ -12,6 +12,8 @@ try:
 except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 
+os.environ.setdefault("BEVFUSION_NO_PROGRESS", "1")
+
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
