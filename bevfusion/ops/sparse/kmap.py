@@ -1,0 +1,208 @@
+"""Kernel maps: which input site feeds which output site through which kernel offset.
+
+Everything is vectorised over all (offset, site) pairs with torch ops (linear int64 keys, sort and
+searchsorted), so the same code runs on CPU and CUDA without Python loops over points.
+
+Offset index k = (ix*ky + iy)*kz + iz, oriented like F.conv3d:
+  SubM:     input = output + (i - (k-1)/2)*dilation            (always centred)
+  strided:  input = output*stride - padding + i*dilation
+  inverse:  the transposed map of the paired strided conv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .tensor import SparseTensor, _coord_ids, _triple, keys_to_coords, linear_keys
+
+
+@dataclass(eq=False)
+class KernelMap:
+    """Pairs (in_idx[p], out_idx[p]) grouped by kernel offset: offset k owns p in [ptr[k], ptr[k+1]).
+
+    Within an offset every output (and every input) appears at most once, so per-offset scatters never
+    collide. `identity_offset` names an offset whose pairs are (i, i) for all i (the SubM centre), which
+    the dataflows treat as a plain matmul.
+    """
+
+    in_idx: torch.Tensor   # (P,) int64
+    out_idx: torch.Tensor  # (P,) int64
+    ptr: list[int]         # K + 1 offsets into the pair arrays (host ints: no device sync to read)
+    n_in: int
+    n_out: int
+    identity_offset: int | None = None
+    _lazy: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def kernel_volume(self) -> int:
+        return len(self.ptr) - 1
+
+    @property
+    def num_pairs(self) -> int:
+        return self.ptr[-1]
+
+    def counts(self) -> list[int]:
+        return [self.ptr[k + 1] - self.ptr[k] for k in range(self.kernel_volume)]
+
+    def pair_offsets(self) -> torch.Tensor:
+        """(P,) int64 offset index of each pair."""
+        if "koff" not in self._lazy:
+            cnt = torch.tensor(self.counts(), dtype=torch.long)
+            self._lazy["koff"] = torch.repeat_interleave(torch.arange(self.kernel_volume), cnt).to(self.in_idx.device)
+        return self._lazy["koff"]
+
+    def nbmap(self) -> torch.Tensor:
+        """(n_out, K) int32 output-stationary neighbour table: input row feeding output o via offset k, or -1."""
+        if "nbmap" not in self._lazy:
+            nb = torch.full((self.n_out, self.kernel_volume), -1, dtype=torch.int32, device=self.in_idx.device)
+            if self.num_pairs:
+                nb[self.out_idx, self.pair_offsets()] = self.in_idx.int()
+            self._lazy["nbmap"] = nb
+        return self._lazy["nbmap"]
+
+    def transposed(self) -> "KernelMap":
+        """The same pairs seen from the other side (inputs become outputs); used by backward and inverse conv."""
+        if "T" not in self._lazy:
+            t = KernelMap(self.out_idx, self.in_idx, self.ptr, self.n_out, self.n_in, self.identity_offset)
+            if "koff" in self._lazy:
+                t._lazy["koff"] = self._lazy["koff"]
+            t._lazy["T"] = self
+            self._lazy["T"] = t
+        return self._lazy["T"]
+
+    def sorted_rows(self) -> torch.Tensor:
+        """(n_out,) int32 output rows ordered by their neighbour bitmask (TorchSparse++'s sorted map),
+        so that rows of a block tend to miss the same offsets and a kernel can skip them."""
+        if "order" not in self._lazy:
+            nb = self.nbmap()
+            K = self.kernel_volume
+            w = torch.ones(K, dtype=torch.long, device=nb.device) << torch.arange(K, device=nb.device).clamp(max=62)
+            mask = ((nb >= 0).long() * w).sum(1)
+            self._lazy["order"] = torch.argsort(mask, descending=True, stable=True).int()
+        return self._lazy["order"]
+
+
+def kernel_offsets(kernel_size, dilation, device) -> torch.Tensor:
+    """(K, 3) int64 offsets i*dilation for i over the kernel, k = (ix*ky + iy)*kz + iz."""
+    kx, ky, kz = kernel_size
+    g = torch.stack(torch.meshgrid(torch.arange(kx), torch.arange(ky), torch.arange(kz), indexing="ij"), -1)
+    return (g.reshape(-1, 3) * torch.tensor(dilation)).to(device)
+
+
+def conv_out_shape(spatial_shape, kernel_size, stride, padding, dilation) -> tuple[int, int, int]:
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(spatial_shape, kernel_size, stride, padding, dilation))  # type: ignore
+
+
+def _sorted_keys(x: SparseTensor):
+    hit = x.cache.get(("sorted_keys", x.coord_id))
+    if hit is None:
+        keys = linear_keys(x.coords, x.spatial_shape)
+        skeys, order = torch.sort(keys)
+        if skeys.numel() > 1 and bool((skeys[1:] == skeys[:-1]).any()):
+            raise ValueError("sparse conv: duplicate coordinates in the input SparseTensor")
+        hit = (skeys, order)
+        x.cache.put(("sorted_keys", x.coord_id), hit)
+    return hit
+
+
+def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1) -> KernelMap:
+    """Submanifold map: outputs are the input sites; input = output + (i - (k-1)/2)*dilation."""
+    ks = _triple(kernel_size, "kernel_size")
+    dil = _triple(dilation, "dilation")
+    if any(k % 2 == 0 for k in ks):
+        raise ValueError(f"SubMConv3d needs odd kernel sizes, got {ks}")
+    key = ("subm", x.coord_id, ks, dil)
+    hit = x.cache.get(key)
+    if hit is not None:
+        return hit
+    n = x.coords.shape[0]
+    dev = x.coords.device
+    K = ks[0] * ks[1] * ks[2]
+    centre = (K - 1) // 2
+    offs = kernel_offsets(ks, dil, dev) - torch.tensor([(k - 1) // 2 * d for k, d in zip(ks, dil)], device=dev)
+    if n == 0:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        km = KernelMap(e, e, [0] * (K + 1), 0, 0, centre)
+        x.cache.put(key, km)
+        return km
+    skeys, order = _sorted_keys(x)
+    c = x.coords.long()
+    q = c[None, :, 1:] + offs[:, None, :]  # (K, N, 3)
+    shape = torch.tensor(x.spatial_shape, device=dev)
+    inb = ((q >= 0) & (q < shape)).all(-1)  # (K, N)
+    qk = ((c[None, :, 0] * shape[0] + q[..., 0]) * shape[1] + q[..., 1]) * shape[2] + q[..., 2]
+    qk = torch.where(inb, qk, torch.full_like(qk, -1))
+    pos = torch.searchsorted(skeys, qk).clamp_(max=n - 1)
+    found = (skeys[pos] == qk) & inb
+    cnt = found.sum(1).tolist()
+    out_idx = torch.arange(n, device=dev).expand(K, n)[found]
+    in_idx = order[pos][found]
+    ptr = [0]
+    for v in cnt:
+        ptr.append(ptr[-1] + int(v))
+    km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
+    x.cache.put(key, km)
+    return km
+
+
+def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=1):
+    """Strided / padded sparse conv (spconv's rule): output o is active iff some active input
+    i = o*stride - padding + k*dilation with 0 <= o < out_shape.
+
+    Returns (kmap, out_coords (M, 4) int32 sorted by (batch, x, y, z), out_shape, out_coord_id).
+    """
+    ks = _triple(kernel_size, "kernel_size")
+    st = _triple(stride, "stride")
+    pad = _triple(padding, "padding")
+    dil = _triple(dilation, "dilation")
+    key = ("down", x.coord_id, ks, st, pad, dil)
+    hit = x.cache.get(key)
+    if hit is not None:
+        return hit
+    dev = x.coords.device
+    out_shape = conv_out_shape(x.spatial_shape, ks, st, pad, dil)
+    if min(out_shape) <= 0:
+        raise ValueError(f"sparse conv: output shape {out_shape} is empty for input {x.spatial_shape}, "
+                         f"kernel {ks}, stride {st}, padding {pad}, dilation {dil}")
+    K = ks[0] * ks[1] * ks[2]
+    n = x.coords.shape[0]
+    c = x.coords.long()
+    offs = kernel_offsets(ks, dil, dev)
+    num = c[None, :, 1:] + torch.tensor(pad, device=dev) - offs[:, None, :]  # (K, N, 3) = o*stride
+    st_t = torch.tensor(st, device=dev)
+    o = torch.div(num, st_t, rounding_mode="floor")
+    ok = ((o * st_t == num) & (o >= 0) & (o < torch.tensor(out_shape, device=dev))).all(-1)  # (K, N)
+    cnt = ok.sum(1).tolist()
+    ob = c[None, :, 0].expand(K, n)[ok]
+    oo = o[ok]
+    okeys = ((ob * out_shape[0] + oo[:, 0]) * out_shape[1] + oo[:, 1]) * out_shape[2] + oo[:, 2]
+    uniq, inv = torch.unique(okeys, sorted=True, return_inverse=True)
+    in_idx = torch.arange(n, device=dev).expand(K, n)[ok]
+    ptr = [0]
+    for v in cnt:
+        ptr.append(ptr[-1] + int(v))
+    km = KernelMap(in_idx, inv.long(), ptr, n, uniq.numel(), None)
+    out_coords = keys_to_coords(uniq, out_shape)
+    res = (km, out_coords, out_shape, next(_coord_ids))
+    x.cache.put(key, res)
+    return res
+
+
+def register_inverse(x: SparseTensor, out: SparseTensor, kernel_size, stride, padding, dilation,
+                     kmap: KernelMap) -> None:
+    """Remember how `out` was made from `x`, so that an inverse conv on `out` restores `x`'s sites."""
+    key = ("up", out.coord_id, _triple(kernel_size), _triple(stride), _triple(padding), _triple(dilation))
+    out.cache.put(key, (kmap.transposed(), x.coords, x.spatial_shape, x.coord_id, x.stride))
+
+
+def find_inverse(x: SparseTensor, kernel_size, stride, padding, dilation):
+    key = ("up", x.coord_id, _triple(kernel_size), _triple(stride), _triple(padding), _triple(dilation))
+    hit = x.cache.get(key)
+    if hit is None:
+        raise ValueError("SparseInverseConv3d: this tensor was not produced by a SparseConv3d with kernel_size "
+                         f"{key[2]}, stride {key[3]}, padding {key[4]}, dilation {key[5]} (the inverse conv restores "
+                         "the input sites of its paired strided conv, so that conv must run on the same tensor "
+                         "lineage first)")
+    return hit

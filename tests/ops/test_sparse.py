@@ -1,0 +1,258 @@
+"""Sparse conv engine vs dense conv3d (float64), case by case, on CPU dataflows."""
+import pytest
+import torch
+
+from bevfusion.ops.sparse import (SparseTensor, build_conv_kmap, build_subm_kmap, conv_features, convert_weight,
+                                  from_spconv1, from_spconv2, sparse_conv3d, sparse_inverse_conv3d, subm_conv3d,
+                                  to_conv3d, to_spconv1, to_spconv2)
+from bevfusion.ops.sparse import nn as snn
+from bevfusion.ops.sparse.reference import dense_conv, dense_inverse_conv
+
+CPU_IMPLS = ["gather", "im2col", "reference", "auto"]
+
+# (kernel_size, stride, padding, dilation) for SparseConv3d / SparseInverseConv3d
+CONV_CASES = [
+    (3, 2, 1, 1),                    # the encoder's down convs
+    (3, 2, (1, 1, 0), 1),            # encoder layer 3: anisotropic padding
+    ((1, 1, 3), (1, 1, 2), 0, 1),    # conv_out: anisotropic kernel and stride
+    (3, 1, 0, 1),                    # unstrided, shrinking
+    (3, 1, 1, 1),                    # unstrided, growing to the window
+    (2, 2, 0, 1),                    # even kernel
+    ((3, 1, 2), (2, 1, 1), (1, 0, 1), 1),
+    (3, 2, 2, 2),                    # dilated
+]
+SUBM_CASES = [(3, 1), ((1, 3, 5), 1), ((3, 1, 3), 1), (3, 2), (5, 1), (1, 1)]
+
+
+def _ksz(ks):
+    return (ks,) * 3 if isinstance(ks, int) else tuple(ks)
+
+
+def _vol(ks):
+    a, b, c = _ksz(ks)
+    return a * b * c
+
+
+def random_tensor(shape=(7, 6, 5), batch=3, density=0.3, cin=3, seed=0, empty=(1,), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    occ = torch.rand(batch, *shape, generator=g) < density
+    for b in empty:
+        occ[b] = False
+    coords = occ.nonzero().int()
+    perm = torch.randperm(coords.shape[0], generator=g)  # unsorted input rows
+    coords = coords[perm]
+    feats = torch.randn(coords.shape[0], cin, generator=g, dtype=dtype)
+    return SparseTensor(feats, coords, shape, batch_size=batch)
+
+
+def _sort_rows(coords, feats):
+    key = ((coords[:, 0].long() * 1000 + coords[:, 1]) * 1000 + coords[:, 2]) * 1000 + coords[:, 3]
+    o = torch.argsort(key)
+    return coords[o].long(), feats[o]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("ks,dil", SUBM_CASES)
+def test_subm_vs_dense(impl, ks, dil):
+    x = random_tensor()
+    w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    y = subm_conv3d(x, w, ks, dil, bias=b, impl=impl)
+    rc, rf, _ = dense_conv(x, w, ks, dilation=dil, subm=True, bias=b)
+    assert torch.equal(y.coords, x.coords)
+    torch.testing.assert_close(y.feats, rf, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("ks,st,pad,dil", CONV_CASES)
+def test_sparse_conv_vs_dense(impl, ks, st, pad, dil):
+    x = random_tensor()
+    w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
+    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl)
+    rc, rf, oshape = dense_conv(x, w, ks, st, pad, dil)
+    assert y.spatial_shape == oshape
+    assert torch.equal(y.coords.long(), rc)  # active sites and their (b, x, y, z) order
+    torch.testing.assert_close(y.feats, rf, rtol=1e-10, atol=1e-10)
+    st3 = _ksz(st)
+    assert y.stride == st3 and y.batch_size == x.batch_size
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("ks,st,pad,dil", CONV_CASES)
+def test_inverse_conv_vs_dense(impl, ks, st, pad, dil):
+    x = random_tensor()
+    w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
+    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl)
+    w2 = torch.randn(_vol(ks), 4, 2, dtype=torch.float64)
+    z = sparse_inverse_conv3d(y, w2, ks, st, pad, dil, impl=impl)
+    assert torch.equal(z.coords, x.coords) and z.spatial_shape == x.spatial_shape and z.stride == x.stride
+    ref = dense_inverse_conv(y, w2, ks, st, pad, dil, x.coords, x.spatial_shape)
+    torch.testing.assert_close(z.feats, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["gather", "im2col"])
+@pytest.mark.parametrize("kind", ["subm", "conv", "conv_aniso", "inverse"])
+def test_gradcheck(impl, kind):
+    x = random_tensor(shape=(4, 4, 3), batch=2, density=0.35, cin=2, empty=())
+    g = torch.Generator().manual_seed(1)
+    if kind == "subm":
+        w = torch.randn(27, 2, 3, dtype=torch.float64, generator=g)
+
+        def f(feats, weight):
+            return subm_conv3d(x.replace_feature(feats), weight, 3, impl=impl).feats
+    elif kind in ("conv", "conv_aniso"):
+        ks, st, pad = (3, 2, 1) if kind == "conv" else ((1, 1, 3), (1, 1, 2), 0)
+        w = torch.randn(_vol(ks), 2, 3, dtype=torch.float64, generator=g)
+
+        def f(feats, weight):
+            return sparse_conv3d(x.replace_feature(feats), weight, ks, st, pad, impl=impl).feats
+    else:
+        y = sparse_conv3d(x, torch.randn(27, 2, 3, dtype=torch.float64, generator=g), 3, 2, 1)
+        x = y
+        w = torch.randn(27, 3, 2, dtype=torch.float64, generator=g)
+
+        def f(feats, weight):
+            return sparse_inverse_conv3d(y.replace_feature(feats), weight, 3, 2, 1, impl=impl).feats
+    feats = x.feats.clone().requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(f, (feats, w))
+
+
+@pytest.mark.parametrize("impl", ["gather", "im2col"])
+def test_grads_vs_dense_autograd(impl):
+    x = random_tensor(cin=3)
+    w = torch.randn(27, 3, 4, dtype=torch.float64, requires_grad=True)
+    feats = x.feats.clone().requires_grad_()
+    y = sparse_conv3d(x.replace_feature(feats), w, 3, 2, 1, impl=impl)
+    gy = torch.randn_like(y.feats)
+    (y.feats * gy).sum().backward()
+    # dense twin: conv3d on the scattered grid, loss only at the active output sites
+    fd = feats.detach().clone().requires_grad_()
+    wd = w.detach().clone().requires_grad_()
+    dense = x.replace_feature(fd).dense()
+    out = torch.nn.functional.conv3d(dense, to_conv3d(wd, (3, 3, 3)), None, 2, 1)
+    c = y.coords.long()
+    (out[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] * gy).sum().backward()
+    torch.testing.assert_close(feats.grad, fd.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w.grad, wd.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_threads_race_free():
+    """Our CPU conv must give the dense answer at any thread count (spconv CPU does not)."""
+    x = random_tensor(shape=(24, 24, 12), batch=2, density=0.2, cin=16, empty=(), dtype=torch.float32)
+    w = torch.randn(27, 16, 16)
+    xd = x.replace_feature(x.feats.double())
+    ref_sub = dense_conv(xd, w.double(), 3, subm=True)[1]
+    rc, ref_conv, _ = dense_conv(xd, w.double(), 3, 2, 1)
+    old = torch.get_num_threads()
+    try:
+        for nt in (2, 3, 4):
+            torch.set_num_threads(nt)
+            for _ in range(3):
+                for impl in ("gather", "im2col"):
+                    y = subm_conv3d(x, w, 3, impl=impl)
+                    torch.testing.assert_close(y.feats.double(), ref_sub, rtol=1e-4, atol=1e-4)
+                    fresh = SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2)
+                    z = sparse_conv3d(fresh, w, 3, 2, 1, impl=impl)
+                    torch.testing.assert_close(z.feats.double(), ref_conv, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_duplicate_coords_rejected():
+    c = torch.tensor([[0, 1, 1, 1], [0, 2, 1, 1], [0, 1, 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="duplicate"):
+        SparseTensor(torch.zeros(3, 2), c, (4, 4, 4))
+
+
+def test_out_of_range_rejected():
+    c = torch.tensor([[0, 1, 1, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        SparseTensor(torch.zeros(1, 2), c, (4, 4, 4))
+
+
+def test_empty_tensor():
+    x = SparseTensor(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32), (5, 5, 5),
+                     batch_size=2)
+    for impl in ("gather", "im2col"):
+        y = subm_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, impl=impl)
+        assert y.feats.shape == (0, 4)
+        z = sparse_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, 2, 1, impl=impl)
+        assert z.feats.shape == (0, 4) and z.spatial_shape == (3, 3, 3)
+        assert z.dense().shape == (2, 4, 3, 3, 3)
+
+
+def test_kernel_map_cache_reused():
+    x = random_tensor()
+    k1 = build_subm_kmap(x, 3)
+    y = subm_conv3d(x, torch.randn(27, 3, 3, dtype=torch.float64), 3)
+    assert build_subm_kmap(y, 3) is k1  # same sites: later layers reuse the map
+    assert build_subm_kmap(y, 3, dilation=2) is not k1
+    d1 = build_conv_kmap(x, 3, 2, 1)
+    assert build_conv_kmap(y, 3, 2, 1) is d1
+    z = sparse_conv3d(y, torch.randn(27, 3, 3, dtype=torch.float64), 3, 2, 1)
+    assert torch.equal(z.coords, d1[1])
+    assert build_subm_kmap(z, 3) is not k1
+    # pairs are grouped by offset, and within an offset no output repeats
+    km = build_subm_kmap(z, 3)
+    for k in range(27):
+        o = km.out_idx[km.ptr[k]:km.ptr[k + 1]]
+        assert o.unique().numel() == o.numel()
+
+
+def test_inverse_needs_paired_conv():
+    x = random_tensor()
+    with pytest.raises(ValueError, match="SparseConv3d"):
+        sparse_inverse_conv3d(x, torch.randn(27, 3, 3, dtype=torch.float64), 3, 2, 1)
+
+
+def test_dense_roundtrip_and_bev():
+    x = random_tensor(cin=4)
+    d = x.dense()
+    assert d.shape == (3, 4, 7, 6, 5)
+    c = x.coords.long()
+    torch.testing.assert_close(d[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]], x.feats)
+    assert float(d.abs().sum()) == pytest.approx(float(x.feats.abs().sum()))
+    x2 = SparseTensor.from_dense(d)
+    c1, f1 = _sort_rows(x.coords, x.feats)
+    c2, f2 = _sort_rows(x2.coords, x2.feats)
+    assert torch.equal(c1, c2) and torch.equal(f1, f2)
+    bev = x.to_bev()
+    assert bev.shape == (3, 4 * 5, 7, 6)
+    # channel index c*Z + z, as BEVFusion's SparseEncoder
+    torch.testing.assert_close(bev[:, 2 * 5 + 3], d[:, 2, :, :, 3])
+
+
+def test_weight_converters_roundtrip():
+    ks = (3, 1, 2)
+    w = torch.randn(6, 4, 5)
+    torch.testing.assert_close(from_spconv1(to_spconv1(w, ks)), w)
+    torch.testing.assert_close(from_spconv2(to_spconv2(w, ks)), w)
+    assert to_spconv2(w, ks).shape == (5, 3, 1, 2, 4)
+    assert convert_weight(to_spconv2(w, ks), ks, 4, 5) is not None
+    torch.testing.assert_close(convert_weight(to_spconv2(w, ks), ks, 4, 5), w)
+    torch.testing.assert_close(convert_weight(to_spconv1(w, ks), ks, 4, 5), w)
+    with pytest.raises(ValueError):
+        convert_weight(torch.randn(3, 3), ks, 4, 5)
+
+
+def test_nn_modules_and_basic_block():
+    torch.manual_seed(0)
+    x = random_tensor(cin=5, dtype=torch.float32)
+    net = snn.SparseSequential(snn.SubMConv3d(5, 8, 3, padding=1), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               snn.SparseBasicBlock(8), snn.SparseConv3d(8, 16, 3, stride=2, padding=1),
+                               snn.BatchNorm(16), snn.ReLU(), snn.SparseInverseConv3d(16, 4, 3, stride=2, padding=1))
+    assert net[0].weight.shape == (27, 5, 8)
+    keys = set(net.state_dict())
+    assert {"0.weight", "1.running_mean", "3.conv1.weight", "3.bn2.weight", "4.weight", "7.weight"} <= keys
+    y = net(x)
+    assert torch.equal(y.coords, x.coords) and y.feats.shape == (x.coords.shape[0], 4)
+    y.feats.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_conv_features_checks_weight():
+    x = random_tensor()
+    km = build_subm_kmap(x, 3)
+    with pytest.raises(ValueError, match="weight"):
+        conv_features(x.feats, torch.randn(9, 3, 3, dtype=torch.float64), km)
