@@ -1,0 +1,1 @@
+"""Pipeline transforms under their official `type` names (see bevfusion.datasets.pipeline)."""
