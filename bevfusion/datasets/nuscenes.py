@@ -36,7 +36,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         object_classes: detection classes in label order; other names get label -1.
         map_classes: BEV map classes (used by LoadBEVSegmentation and the map metric).
         modality: the official `input_modality` flags (kept for the submission meta).
-        test_mode: no annotations are required or loaded; sweeps are chosen deterministically.
+        test_mode: annotations are optional (loaded when the info has them, as val infos do; the
+            test split has none); sweeps are chosen deterministically; no sample is ever replaced.
         use_valid_flag: mask boxes by `valid_flag` (LiDAR or radar points > 0) instead of
             `num_lidar_pts > 0`.
         filter_empty_gt: in training, a sample left without any labelled box after the pipeline is
@@ -150,9 +151,13 @@ class NuScenesDataset(torch.utils.data.Dataset):
             # state, which the data loader seeds per worker.
             "rng": np.random.default_rng(np.random.randint(0, 2**31 - 1)),
         }
-        if not self.test_mode:
+        if self.has_annotations(index):
             results["ann_info"] = self.get_ann_info(index)
         return results
+
+    def has_annotations(self, index: int) -> bool:
+        """Whether the info carries ground truth (val infos do, also in test mode; test-split infos do not)."""
+        return all(k in self.data_infos[index] for k in _ANN_KEYS)
 
     def get_ann_info(self, index: int) -> dict[str, np.ndarray]:
         """Boxes (internal convention, 9 values with velocity), labels and names of one sample."""

@@ -247,3 +247,34 @@ def test_collate_rejects_mismatched_shapes():
         collate([{"img": torch.zeros(6, 3, 4, 4)}, {"img": torch.zeros(6, 3, 4, 5)}])
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_test_mode_keeps_annotations_when_present(tiny):
+    root, ann, infos = tiny
+    pipeline = [{"type": "LoadAnnotations3D", "with_bbox_3d": True, "with_label_3d": True,
+                 "with_attr_label": False}]
+    ds = NuScenesDataset(root, ann, pipeline=pipeline, test_mode=True)
+    assert len(ds[0]["gt_bboxes_3d"]) == 2  # num_lidar_pts > 0 masks in test mode
+    stripped = [{k: v for k, v in i.items() if not k.startswith(("gt_", "num_", "valid"))} for i in infos]
+    test_file = root / "nuscenes_infos_test.pkl"
+    dump_pickle({"infos": stripped, "metadata": {"version": "v1.0-test"}}, test_file)
+    test_ds = NuScenesDataset(root, test_file, pipeline=pipeline, test_mode=True)
+    assert test_ds[0]["gt_bboxes_3d"].shape == (0, 9)
+    with pytest.raises(KeyError, match="lacks info keys"):
+        NuScenesDataset(root, test_file, pipeline=pipeline, test_mode=False)
+
+
+def test_build_dataset_wraps_cbgs(tiny):
+    from bevfusion.datasets.builder import build_dataset
+    from bevfusion.registry import RegistryError
+
+    root, ann, _ = tiny
+    cfg = {"type": "CBGSDataset", "dataset": {
+        "type": "NuScenesDataset", "dataset_root": str(root), "ann_file": str(ann), "pipeline": [],
+        "object_classes": ["car", "pedestrian"], "map_classes": ["divider"], "modality": {"use_lidar": True},
+        "test_mode": False, "use_valid_flag": False, "box_type_3d": "LiDAR"}}
+    ds = build_dataset(cfg)
+    assert isinstance(ds, CBGSDataset) and ds.dataset.map_classes == ("divider",)
+    with pytest.raises(RegistryError, match=r"data.train.dataset: unknown key ann_fle"):
+        build_dataset({"type": "CBGSDataset", "dataset": {"type": "NuScenesDataset", "dataset_root": ".",
+                                                          "ann_fle": "x"}})
