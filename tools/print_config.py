@@ -24,4 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `print_config.py CFG | head` ends quietly
     sys.exit(main())
