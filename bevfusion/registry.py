@@ -104,7 +104,10 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = 
 
 # The official `type` names we implement. Add a line when a class lands; keep it sorted by section.
 REGISTRY = Registry("bevfusion", {
-    # ops exposed as modules (their own config sections in official files)
+    # models
+    "BEVFusion": "bevfusion.models.bevfusion:BEVFusion",
+    # LiDAR encoder
+    "SparseEncoder": "bevfusion.models.lidar.sparse_encoder:SparseEncoder",
 })
 
 
