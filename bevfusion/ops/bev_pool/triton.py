@@ -1,0 +1,221 @@
+"""Triton kernels for BEV pooling and the fused lift + pool.
+
+Forward: one program per output cell (and channel block), taken from the plan's `launch_cells`
+(non-empty cells longest first, then the empty ones). The program gathers its points through the
+sorted `order` (so the features are never permuted in memory), sums a [BLOCK_P, BLOCK_C] tile per
+step in fp32 (fp64 for fp64 inputs) and writes its output row once: no atomics and no memset, since
+the empty cells' programs write the zeros.
+
+Backward of `bev_pool` is a pure gather, one program per block of points. The fused op's backward
+needs no atomics either: grad_depth is a per-point dot product, and grad_feats of pixel (n, v, u) sums
+over its D depth bins, which one program owns.
+
+This module imports triton at import time; `bevfusion.ops.bev_pool` imports it only when the Triton
+path is used. Off-GPU it runs under TRITON_INTERPRET=1 (tests only).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import BevPoolPlan
+
+
+@triton.jit
+def _pool_fwd_kernel(feats_ptr, order_ptr, cell_ptr_ptr, launch_ptr, out_ptr, C,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr):
+    cell = tl.load(launch_ptr + tl.program_id(0)).to(tl.int64)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    start = tl.load(cell_ptr_ptr + cell)
+    end = tl.load(cell_ptr_ptr + cell + 1)
+    if IS_F64:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_P):
+        j = j0 + tl.arange(0, BLOCK_P)
+        jmask = j < end
+        rows = tl.load(order_ptr + j, mask=jmask, other=0).to(tl.int64)
+        x = tl.load(feats_ptr + rows[:, None] * C + ch[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
+        acc += x.to(acc.dtype)
+    tl.store(out_ptr + cell * C + ch, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _pool_bwd_kernel(grad_ptr, cells_ptr, gfeats_ptr, N, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < N
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    cell = tl.load(cells_ptr + p, mask=pmask, other=-1)
+    valid = cell >= 0
+    g = tl.load(grad_ptr + cell[:, None] * C + ch[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+    tl.store(gfeats_ptr + p[:, None] * C + ch[None, :], g, mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _lift_fwd_kernel(depth_ptr, feats_ptr, order_ptr, cell_ptr_ptr, launch_ptr, out_ptr, C, DP, P,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr):
+    cell = tl.load(launch_ptr + tl.program_id(0)).to(tl.int64)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    start = tl.load(cell_ptr_ptr + cell)
+    end = tl.load(cell_ptr_ptr + cell + 1)
+    if IS_F64:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_P):
+        j = j0 + tl.arange(0, BLOCK_P)
+        jmask = j < end
+        i = tl.load(order_ptr + j, mask=jmask, other=0).to(tl.int64)
+        w = tl.load(depth_ptr + i, mask=jmask, other=0.0).to(acc.dtype)
+        rows = (i // DP) * P + i % P  # frustum point (n, d, pixel) -> feature row (n, pixel)
+        x = tl.load(feats_ptr + rows[:, None] * C + ch[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)
+        acc += w[:, None] * x.to(acc.dtype)
+    tl.store(out_ptr + cell * C + ch, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _lift_bwd_depth_kernel(grad_ptr, feats_ptr, cells_ptr, gdepth_ptr, N, C, DP, P,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    imask = i < N
+    cell = tl.load(cells_ptr + i, mask=imask, other=-1)
+    valid = cell >= 0
+    rows = (i // DP) * P + i % P
+    if IS_F64:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        m = valid[:, None] & (ch < C)[None, :]
+        g = tl.load(grad_ptr + cell[:, None] * C + ch[None, :], mask=m, other=0.0)
+        f = tl.load(feats_ptr + rows[:, None] * C + ch[None, :], mask=m, other=0.0)
+        acc += g.to(acc.dtype) * f.to(acc.dtype)
+    tl.store(gdepth_ptr + i, tl.sum(acc, axis=1).to(gdepth_ptr.dtype.element_ty), mask=imask)
+
+
+@triton.jit
+def _lift_bwd_feats_kernel(grad_ptr, depth_ptr, cells_ptr, gfeats_ptr, NPIX, C, D, P,
+                           BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr):
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < NPIX
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < C
+    cam = q // P
+    base = cam * D * P + (q - cam * P)  # frustum index of (cam, d = 0, pixel)
+    if IS_F64:
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
+    for d in range(0, D):
+        i = base + d * P
+        cell = tl.load(cells_ptr + i, mask=qmask, other=-1)
+        valid = cell >= 0
+        w = tl.load(depth_ptr + i, mask=valid, other=0.0).to(acc.dtype)
+        g = tl.load(grad_ptr + cell[:, None] * C + ch[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+        acc += w[:, None] * g.to(acc.dtype)
+    tl.store(gfeats_ptr + q[:, None] * C + ch[None, :], acc.to(gfeats_ptr.dtype.element_ty),
+             mask=qmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------- launch parameters
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _block_c(c: int) -> int:
+    # One channel block covers BEVFusion's 80 channels (128 lanes, 80 used, as the T2 prototype);
+    # wider features are split over a second grid axis.
+    return min(triton.next_power_of_2(max(c, 1)), 128)
+
+
+def _fwd_meta(c: int, dtype: torch.dtype) -> dict:
+    """Untuned defaults (no GPU was available to tune them): 4 points per step, 1 warp per
+    128-channel row; fp16/bf16 take 8 points per step to keep the same bytes in flight."""
+    if _interpreting():
+        return dict(BLOCK_P=4, num_warps=1)
+    return dict(BLOCK_P=8 if dtype in (torch.float16, torch.bfloat16) else 4, num_warps=1)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _is_f64(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float64
+
+
+def pool_forward(feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
+    """(N, C) contiguous features -> (G, C) cell sums, same dtype (fp32 accumulation)."""
+    c = feats.shape[1]
+    out = torch.empty(plan.num_cells, c, dtype=feats.dtype, device=feats.device)
+    if c == 0:
+        return out
+    bc = _block_c(c)
+    meta = _fwd_meta(c, feats.dtype)
+    grid = (plan.num_cells, triton.cdiv(c, bc))
+    _pool_fwd_kernel[grid](feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c, BLOCK_C=bc,
+                           IS_F64=_is_f64(feats), **meta)
+    return out
+
+
+def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
+    """(G, C) contiguous output gradient -> (N, C) feature gradient (zero rows for dropped points)."""
+    n, c = plan.num_points, grad_cells.shape[1]
+    out = torch.empty(n, c, dtype=grad_cells.dtype, device=grad_cells.device)
+    if n == 0 or c == 0:
+        return out
+    bc = _block_c(c)
+    bp = 16 if _interpreting() else 32
+    _pool_bwd_kernel[(triton.cdiv(n, bp), triton.cdiv(c, bc))](grad_cells, plan.point_cells, out, n, c,
+                                                              BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+    return out
+
+
+def lift_forward(depth: torch.Tensor, feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
+    """depth (BN, D, fH, fW), feats (BN, fH, fW, C), both contiguous -> (G, C) in feats' dtype."""
+    _, d_bins, fh, fw = depth.shape
+    c = feats.shape[-1]
+    out = torch.empty(plan.num_cells, c, dtype=feats.dtype, device=feats.device)
+    if c == 0:
+        return out
+    bc = _block_c(c)
+    meta = _fwd_meta(c, feats.dtype)
+    grid = (plan.num_cells, triton.cdiv(c, bc))
+    _lift_fwd_kernel[grid](depth, feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c,
+                           d_bins * fh * fw, fh * fw, BLOCK_C=bc, IS_F64=_is_f64(feats), **meta)
+    return out
+
+
+def lift_backward(grad_cells: torch.Tensor, depth: torch.Tensor, feats: torch.Tensor, plan: BevPoolPlan,
+                  need_depth: bool = True, need_feats: bool = True):
+    """(G, C) output gradient -> (grad_depth or None, grad_feats or None)."""
+    bn, d_bins, fh, fw = depth.shape
+    c = feats.shape[-1]
+    p = fh * fw
+    bc = _block_c(c)
+    f64 = _is_f64(feats)
+    grad_depth = grad_feats = None
+    if need_depth:
+        grad_depth = torch.empty_like(depth)
+        n = depth.numel()
+        if n and c:
+            bp = 16 if _interpreting() else 64
+            _lift_bwd_depth_kernel[(triton.cdiv(n, bp),)](grad_cells, feats, plan.point_cells, grad_depth, n, c,
+                                                          d_bins * p, p, BLOCK_P=bp, BLOCK_C=bc, IS_F64=f64,
+                                                          num_warps=4)
+        elif n:
+            grad_depth.zero_()
+    if need_feats:
+        grad_feats = torch.empty_like(feats)
+        npix = bn * p
+        if npix and c:
+            bq = 8 if _interpreting() else 16
+            _lift_bwd_feats_kernel[(triton.cdiv(npix, bq), triton.cdiv(c, bc))](
+                grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p,
+                BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=4)
+    return grad_depth, grad_feats
