@@ -106,6 +106,9 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = 
 REGISTRY = Registry("bevfusion", {
     # models
     "BEVFusion": "bevfusion.models.bevfusion:BEVFusion",
+    # camera encoder
+    "LSSTransform": "bevfusion.models.camera.vtransforms:LSSTransform",
+    "DepthLSSTransform": "bevfusion.models.camera.vtransforms:DepthLSSTransform",
     # LiDAR encoder
     "SparseEncoder": "bevfusion.models.lidar.sparse_encoder:SparseEncoder",
 })
