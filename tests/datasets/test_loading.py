@@ -278,3 +278,10 @@ def test_build_dataset_wraps_cbgs(tiny):
     with pytest.raises(RegistryError, match=r"data.train.dataset: unknown key ann_fle"):
         build_dataset({"type": "CBGSDataset", "dataset": {"type": "NuScenesDataset", "dataset_root": ".",
                                                           "ann_fle": "x"}})
+
+
+def test_every_registered_transform_resolves():
+    from bevfusion.datasets.pipeline import TRANSFORMS
+
+    for name in TRANSFORMS.names():
+        assert callable(TRANSFORMS.get(name)), name
