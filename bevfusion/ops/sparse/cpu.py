@@ -10,10 +10,6 @@ import torch
 
 from .kmap import KernelMap
 
-# bytes of the per-block im2col buffer; about the size of a core's L2 slice
-_IM2COL_BLOCK_BYTES = 1 << 21
-
-
 def gather_gemm_scatter(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
     """out[o] = sum over pairs (i, o, k) of feats[i] @ weight[k]; weight (K, Cin, Cout), may be a view."""
     out = feats.new_zeros(kmap.n_out, weight.shape[2])
@@ -29,36 +25,67 @@ def gather_gemm_scatter(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelM
     return out
 
 
-def _im2col_plan(kmap: KernelMap):
-    """Active offsets and the (n_out, K') neighbour table with missing entries pointing at a zero row."""
-    plan = kmap._lazy.get("im2col")
+def _block_rows(kernel_volume: int, cin: int) -> int:
+    """Rows per im2col block. Measured on the LiDAR scene (1 thread, Cin 16..128): 256 is best or within
+    a few percent at every level; smaller blocks pay per-block overhead and weight gathers, larger ones
+    gather offsets that few of their rows use."""
+    return 256
+
+
+def _im2col_plan(kmap: KernelMap, rows: int):
+    """Blocks of output rows in neighbour-bitmask order (TorchSparse++'s sorted map): rows of a block
+    tend to miss the same offsets, so each block gathers only the offsets some row of it uses.
+
+    Returns (order (n_out,) int64, [(start, end, offsets tuple, offsets tensor, gather index)]); gather
+    indices point at row n_in (a zero row) where a row lacks that offset.
+    """
+    key = ("im2col", rows)
+    plan = kmap._lazy.get(key)
     if plan is None:
-        active = [k for k, c in enumerate(kmap.counts()) if c > 0]
-        nb = kmap.nbmap()[:, active].long()
-        nb = torch.where(nb < 0, torch.full_like(nb, kmap.n_in), nb)
-        plan = (active, nb.contiguous())
-        kmap._lazy["im2col"] = plan
+        from . import cpu_kmap
+
+        nb = kmap.nbmap()
+        order, act, starts, flat = cpu_kmap.im2col_plan(nb.cpu().numpy(), rows, kmap.n_in)
+        dev = nb.device
+        order = torch.from_numpy(order).to(dev)
+        flat = torch.from_numpy(flat).to(dev)
+        starts = starts.tolist()
+        blocks = []
+        for b, a in enumerate(act.tolist()):
+            s, e = b * rows, min((b + 1) * rows, kmap.n_out)
+            ak = tuple(k for k, v in enumerate(a) if v)
+            if not ak:
+                blocks.append((s, e, (), None, None))
+            else:
+                blocks.append((s, e, ak, torch.tensor(ak, device=dev), flat[starts[b]:starts[b + 1]]))
+        plan = (order, blocks)
+        kmap._lazy[key] = plan
     return plan
 
 
-def _block_rows(width: int, elsize: int) -> int:
-    return max(64, _IM2COL_BLOCK_BYTES // max(1, width * elsize))
-
-
 def im2col_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Output-stationary blocked im2col: per block of output rows gather (rows, K'*Cin), one GEMM."""
-    active, nb = _im2col_plan(kmap)
-    cin, cout = weight.shape[1], weight.shape[2]
-    out = feats.new_empty(kmap.n_out, cout)
-    if not active:
-        return out.zero_()
-    w = weight[active].reshape(len(active) * cin, cout)
+    """Output-stationary blocked im2col over the sorted map: per block, gather (rows, |A|*Cin) for the
+    block's active offsets A and run one GEMM with weight[A]."""
+    K, cin, cout = weight.shape
+    out_sorted = feats.new_empty(kmap.n_out, cout)
+    if kmap.n_out == 0:
+        return out_sorted
+    order, blocks = _im2col_plan(kmap, _block_rows(K, cin))
     fpad = torch.cat([feats, feats.new_zeros(1, cin)])
-    rows = _block_rows(len(active) * cin, feats.element_size())
-    for s in range(0, kmap.n_out, rows):
-        idx = nb[s:s + rows]
-        cols = fpad.index_select(0, idx.reshape(-1)).view(idx.shape[0], -1)
-        torch.mm(cols, w, out=out[s:s + rows])
+    wflat = weight.reshape(K * cin, cout) if weight.is_contiguous() else None
+    wsub: dict = {}
+    for s, e, act, act_t, idx in blocks:
+        if idx is None:
+            out_sorted[s:e].zero_()
+            continue
+        w = wsub.get(act)
+        if w is None:
+            w = wflat if (len(act) == K and wflat is not None) else weight.index_select(0, act_t).reshape(-1, cout)
+            wsub[act] = w
+        cols = fpad.index_select(0, idx).view(e - s, -1)
+        torch.mm(cols, w, out=out_sorted[s:e])
+    out = torch.empty_like(out_sorted)
+    out.index_copy_(0, order, out_sorted)
     return out
 
 
@@ -79,18 +106,69 @@ def wgrad_gather(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -
 
 
 def wgrad_im2col(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Same as `wgrad_gather`, accumulated over im2col row blocks."""
-    active, nb = _im2col_plan(kmap)
+    """Same as `wgrad_gather`, accumulated over the sorted im2col blocks."""
     K, cin, cout = kmap.kernel_volume, feats.shape[1], grad_out.shape[1]
     dw = feats.new_zeros(K, cin, cout)
-    if not active:
+    if kmap.n_out == 0:
         return dw
-    acc = feats.new_zeros(len(active) * cin, cout)
+    order, blocks = _im2col_plan(kmap, _block_rows(K, cin))
     fpad = torch.cat([feats, feats.new_zeros(1, cin)])
-    rows = _block_rows(len(active) * cin, feats.element_size())
-    for s in range(0, kmap.n_out, rows):
-        idx = nb[s:s + rows]
-        cols = fpad.index_select(0, idx.reshape(-1)).view(idx.shape[0], -1)
-        acc.addmm_(cols.t(), grad_out[s:s + rows])
-    dw[active] = acc.view(len(active), cin, cout)
+    gs = grad_out.index_select(0, order)
+    acc: dict = {}
+    for s, e, act, act_t, idx in blocks:
+        if idx is None:
+            continue
+        cols = fpad.index_select(0, idx).view(e - s, -1)
+        a = acc.get(act)
+        if a is None:
+            acc[act] = (act_t, torch.mm(cols.t(), gs[s:e]))
+        else:
+            a[1].addmm_(cols.t(), gs[s:e])
+    for act_t, a in acc.values():
+        dw.index_add_(0, act_t, a.view(-1, cin, cout))
     return dw
+
+
+# ----------------------------------------------------------------------------- kernel maps (numba)
+def _numba_kernels():
+    from . import cpu_kmap
+
+    return cpu_kmap
+
+
+def _bits(n: int) -> int:
+    return max(4, int(2 * max(n, 1) - 1).bit_length())
+
+
+def subm_pairs_numba(coords: torch.Tensor, keys: torch.Tensor, offs: torch.Tensor, shape):
+    """(in_idx, out_idx, counts per offset) of a SubM map; raises ValueError on duplicate coordinates."""
+    import numpy as np
+
+    nbk = _numba_kernels()
+    tk, tv, dup = nbk.hash_build(keys.numpy(), _bits(keys.shape[0]))
+    if dup >= 0:
+        raise ValueError(f"sparse conv: duplicate coordinates in the input SparseTensor, e.g. (batch, x, y, z) = "
+                         f"{coords[dup].tolist()}")
+    i, o, cnt = nbk.subm_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64),
+                                  np.asarray(shape, np.int64), tk, tv)
+    return torch.from_numpy(i), torch.from_numpy(o), cnt.tolist()
+
+
+def conv_pairs_numba(coords: torch.Tensor, offs: torch.Tensor, pad, stride, out_shape):
+    """(in_idx, out_idx, counts, out_keys sorted) of a strided conv map, outputs sorted by key."""
+    import numpy as np
+
+    nbk = _numba_kernels()
+    # each input reaches at most prod(ceil(k / s)) outputs: size the table for a load factor <= 1/2
+    ks = [int(offs[:, d].unique().numel()) for d in range(3)]
+    reach = 1
+    for k, s in zip(ks, stride):
+        reach *= -(-k // s)
+    i, o, cnt, okeys = nbk.conv_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64),
+                                         np.asarray(pad, np.int64), np.asarray(stride, np.int64),
+                                         np.asarray(out_shape, np.int64), _bits(reach * coords.shape[0]))
+    okeys = torch.from_numpy(okeys)
+    skeys, order = torch.sort(okeys)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return torch.from_numpy(i), rank[torch.from_numpy(o)], cnt.tolist(), skeys

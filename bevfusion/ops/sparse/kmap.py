@@ -107,8 +107,20 @@ def _sorted_keys(x: SparseTensor):
     return hit
 
 
-def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1) -> KernelMap:
-    """Submanifold map: outputs are the input sites; input = output + (i - (k-1)/2)*dilation."""
+def _use_numba(x: SparseTensor, impl: str) -> bool:
+    if impl not in ("auto", "torch", "numba"):
+        raise ValueError(f"kernel map: unknown impl {impl!r} (expected auto, torch or numba)")
+    if impl == "auto":
+        return x.coords.device.type == "cpu"
+    return impl == "numba"
+
+
+def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto") -> KernelMap:
+    """Submanifold map: outputs are the input sites; input = output + (i - (k-1)/2)*dilation.
+
+    impl: "torch" (sort + searchsorted, any device), "numba" (hash table, CPU) or "auto" (numba on CPU).
+    Cached on x's kernel-map cache by (sites, kernel_size, dilation).
+    """
     ks = _triple(kernel_size, "kernel_size")
     dil = _triple(dilation, "dilation")
     if any(k % 2 == 0 for k in ks):
@@ -125,6 +137,17 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1) -> KernelMap:
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=dev)
         km = KernelMap(e, e, [0] * (K + 1), 0, 0, centre)
+        x.cache.put(key, km)
+        return km
+    if _use_numba(x, impl):
+        from .cpu import subm_pairs_numba
+
+        in_idx, out_idx, cnt = subm_pairs_numba(x.coords, linear_keys(x.coords, x.spatial_shape), offs,
+                                                x.spatial_shape)
+        ptr = [0]
+        for v in cnt:
+            ptr.append(ptr[-1] + int(v))
+        km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
         x.cache.put(key, km)
         return km
     skeys, order = _sorted_keys(x)
@@ -147,11 +170,12 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1) -> KernelMap:
     return km
 
 
-def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=1):
+def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=1, impl: str = "auto"):
     """Strided / padded sparse conv (spconv's rule): output o is active iff some active input
     i = o*stride - padding + k*dilation with 0 <= o < out_shape.
 
     Returns (kmap, out_coords (M, 4) int32 sorted by (batch, x, y, z), out_shape, out_coord_id).
+    impl as in `build_subm_kmap`; cached by (sites, kernel_size, stride, padding, dilation).
     """
     ks = _triple(kernel_size, "kernel_size")
     st = _triple(stride, "stride")
@@ -168,8 +192,19 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
                          f"kernel {ks}, stride {st}, padding {pad}, dilation {dil}")
     K = ks[0] * ks[1] * ks[2]
     n = x.coords.shape[0]
-    c = x.coords.long()
     offs = kernel_offsets(ks, dil, dev)
+    if _use_numba(x, impl):
+        from .cpu import conv_pairs_numba
+
+        in_idx, out_idx, cnt, uniq = conv_pairs_numba(x.coords, offs, pad, st, out_shape)
+        ptr = [0]
+        for v in cnt:
+            ptr.append(ptr[-1] + int(v))
+        km = KernelMap(in_idx, out_idx, ptr, n, uniq.numel(), None)
+        res = (km, keys_to_coords(uniq, out_shape), out_shape, next(_coord_ids))
+        x.cache.put(key, res)
+        return res
+    c = x.coords.long()
     num = c[None, :, 1:] + torch.tensor(pad, device=dev) - offs[:, None, :]  # (K, N, 3) = o*stride
     st_t = torch.tensor(st, device=dev)
     o = torch.div(num, st_t, rounding_mode="floor")

@@ -146,10 +146,15 @@ class SparseTensor:
         return out.view(B, X, Y, Z, C).permute(0, 4, 1, 2, 3)
 
     def to_bev(self) -> torch.Tensor:
-        """Dense BEV map (B, C*Z, X, Y), channel index c*Z + z, as BEVFusion's SparseEncoder output."""
-        d = self.dense()  # (B, C, X, Y, Z)
-        B, C, X, Y, Z = d.shape
-        return d.permute(0, 1, 4, 2, 3).reshape(B, C * Z, X, Y)
+        """Dense BEV map (B, C*Z, X, Y), channel index c*Z + z, as BEVFusion's SparseEncoder output
+        (`dense()` then permute and reshape, written directly into the final layout)."""
+        X, Y, Z = self.spatial_shape
+        B, C = self.batch_size, self.feats.shape[1]
+        out = self.feats.new_zeros(B, C, Z * X * Y)
+        if self.coords.shape[0]:
+            c = self.coords.long()
+            out[c[:, 0], :, (c[:, 3] * X + c[:, 1]) * Y + c[:, 2]] = self.feats
+        return out.view(B, C * Z, X, Y)
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, stride=1) -> "SparseTensor":
