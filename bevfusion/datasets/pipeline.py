@@ -47,6 +47,7 @@ TRANSFORMS = Registry("transform", {
     "LoadPointsFromFile": "bevfusion.datasets.transforms.loading:LoadPointsFromFile",
     "LoadPointsFromMultiSweeps": "bevfusion.datasets.transforms.loading:LoadPointsFromMultiSweeps",
     "LoadAnnotations3D": "bevfusion.datasets.transforms.loading:LoadAnnotations3D",
+    "ObjectPaste": "bevfusion.datasets.transforms.object_paste:ObjectPaste",
     "ImageAug3D": "bevfusion.datasets.transforms.augment:ImageAug3D",
     "GlobalRotScaleTrans": "bevfusion.datasets.transforms.augment:GlobalRotScaleTrans",
     "RandomFlip3D": "bevfusion.datasets.transforms.augment:RandomFlip3D",
