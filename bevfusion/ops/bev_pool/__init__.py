@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .plan import BevPoolPlan, bev_pool_plan, check_coords, point_cells
+from .plan import BevPoolPlan, _check_grid, bev_pool_plan, check_coords, point_cells
 from .reference import bev_pool_reference, lift_reference, pool_cells_reference
 
 __all__ = [
@@ -202,7 +202,7 @@ def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_s
     _check_float("feats", feats)
     if impl == "reference" and plan is None and coords is not None:
         _check_shapes(feats, coords)
-        return bev_pool_reference(feats, coords, _check_batch(batch_size), grid)
+        return bev_pool_reference(feats, coords, batch_size, _check_grid(batch_size, grid))
     plan = _plan_from_args(coords, batch_size, grid, plan, feats.device)
     return bev_pool_with_plan(feats, plan, impl)
 
@@ -214,12 +214,6 @@ def _check_shapes(feats, coords):
                          f"got {tuple(feats.shape)}")
     if coords.device != feats.device:
         raise ValueError(f"bev_pool: coords are on {coords.device} but the features are on {feats.device}")
-
-
-def _check_batch(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"bev_pool: batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def bev_pool_with_plan(feats: torch.Tensor, plan: BevPoolPlan, impl: str = "auto") -> torch.Tensor:
@@ -270,7 +264,7 @@ def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[tor
         check_coords(coords)
         if coords.device != depth.device:
             raise ValueError(f"lift_bev_pool: coords on {coords.device}, depth on {depth.device}")
-        return bev_pool_reference(lift_reference(depth, feats), coords, _check_batch(batch_size), grid)
+        return bev_pool_reference(lift_reference(depth, feats), coords, batch_size, _check_grid(batch_size, grid))
     plan = _plan_from_args(coords, batch_size, grid, plan, depth.device)
     if plan.num_points != n_points:
         raise ValueError(f"lift_bev_pool: the plan covers {plan.num_points} points, depth has {n_points}")
