@@ -130,15 +130,27 @@ def translate_boxes(boxes: np.ndarray, offset) -> np.ndarray:
 def points_in_boxes_np(points: np.ndarray, boxes: np.ndarray, eps: float = 0.0) -> np.ndarray:
     """(P, 3+) points, (M, 7+) internal boxes → (P, M) bool, True where a point lies inside a box.
 
-    `eps` grows every box by that margin (metres) on each face.
+    `eps` grows every box by that margin (metres) on each face. Points are sorted by x once and each
+    box is tested only against the points within its x extent.
     """
     points = np.asarray(points, dtype=np.float64)
     boxes = np.asarray(boxes, dtype=np.float64)
+    out = np.zeros((len(points), len(boxes)), dtype=bool)
     if len(boxes) == 0 or len(points) == 0:
-        return np.zeros((len(points), len(boxes)), dtype=bool)
-    d = points[:, None, :3] - boxes[None, :, :3]  # (P, M, 3)
-    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
-    local_x = d[..., 0] * c + d[..., 1] * s
-    local_y = -d[..., 0] * s + d[..., 1] * c
+        return out
+    order = np.argsort(points[:, 0], kind="stable")
+    xs = points[order, 0]
     half = boxes[:, 3:6] / 2 + eps
-    return (np.abs(local_x) <= half[:, 0]) & (np.abs(local_y) <= half[:, 1]) & (np.abs(d[..., 2]) <= half[:, 2])
+    reach = np.hypot(half[:, 0], half[:, 1])
+    lo = np.searchsorted(xs, boxes[:, 0] - reach, side="left")
+    hi = np.searchsorted(xs, boxes[:, 0] + reach, side="right")
+    for m in range(len(boxes)):
+        idx = order[lo[m]:hi[m]]
+        if not len(idx):
+            continue
+        d = points[idx, :3] - boxes[m, :3]
+        c, s = np.cos(boxes[m, 6]), np.sin(boxes[m, 6])
+        inside = (np.abs(d[:, 0] * c + d[:, 1] * s) <= half[m, 0]) & \
+            (np.abs(-d[:, 0] * s + d[:, 1] * c) <= half[m, 1]) & (np.abs(d[:, 2]) <= half[m, 2])
+        out[idx[inside], m] = True
+    return out

@@ -101,8 +101,10 @@ def load_pickle(path: str | os.PathLike) -> Any:
             raise pickle.UnpicklingError(f"{path}: not a readable pickle ({exc})") from None
 
 
-def atomic_writer(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+def atomic_writer(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb",
+                  fsync: bool = True) -> Path:
+    """Call `write(file)` on a temp file beside `path`, fsync it (unless `fsync` is false: for many small
+    files whose completeness another file vouches for), then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -110,7 +112,8 @@ def atomic_writer(path: str | os.PathLike, write: Callable[[Any], None], mode: s
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -119,8 +122,8 @@ def atomic_writer(path: str | os.PathLike, write: Callable[[Any], None], mode: s
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_writer(path, lambda f: f.write(data), "wb")
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
+    return atomic_writer(path, lambda f: f.write(data), "wb", fsync)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

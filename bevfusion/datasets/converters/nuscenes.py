@@ -245,7 +245,8 @@ def create_groundtruth_database(root_path: str | os.PathLike, info_path: str | o
             obj = points[inside[:, i]].copy()
             obj[:, :3] -= boxes[i, :3]
             rel = f"{db_dir_name}/{token}_{name}_{i}.bin"
-            atomic_write_bytes(out / rel, obj.astype(np.float32).tobytes())
+            # The dbinfos pickle, written last and fsynced, is what makes the database complete.
+            atomic_write_bytes(out / rel, obj.astype(np.float32).tobytes(), fsync=False)
             db[name].append({
                 "name": name,
                 "path": rel,
