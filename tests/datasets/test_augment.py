@@ -417,3 +417,14 @@ def test_grid_mask_probability_and_epoch():
     changed = sum(not torch.equal(gm({"img": imgs.clone(), "rng": np.random.default_rng(s)})["img"], imgs)
                   for s in range(100))
     assert 65 <= changed <= 95
+
+
+def test_empty_scene_passes_every_transform():
+    r = _sample(2, n_cams=2, m=0, n_points=0)
+    pcr = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
+    for t in (ImageAug3D(**TRAIN_IMG), GlobalRotScaleTrans(**TRAIN_3D), RandomFlip3D(), PointsRangeFilter(pcr),
+              ObjectRangeFilter(pcr), ObjectNameFilter(CLASSES), ImageNormalize([0.5] * 3, [0.2] * 3),
+              GridMask(True, True, 20, prob=1.0), PointShuffle()):
+        r = t(r)
+    assert r["points"].shape == (0, 5) and r["gt_bboxes_3d"].shape == (0, 9) and r["gt_labels_3d"].shape == (0,)
+    assert r["img"].shape == (2, 3, 256, 704)

@@ -44,6 +44,12 @@ def sample_rng(results: dict) -> np.random.Generator:
     return rng
 
 
+def _boxes(results: dict) -> np.ndarray:
+    """`results["gt_bboxes_3d"]` as (M, k) float64; an empty one of any shape becomes (0, 9)."""
+    boxes = np.asarray(results["gt_bboxes_3d"], np.float64)
+    return np.zeros((0, 9)) if boxes.size == 0 else boxes.reshape(-1, boxes.shape[-1])
+
+
 def _keep_boxes(results: dict, keep: np.ndarray) -> None:
     """Index gt_bboxes_3d, gt_labels_3d and gt_names with the same mask (those present)."""
     for key in ("gt_bboxes_3d", "gt_labels_3d", "gt_names"):
@@ -345,7 +351,7 @@ class GlobalRotScaleTrans:
             out[:, :3] = (scale * (xyz @ R.T + translation)).astype(points.dtype)
             results["points"] = out
         if "gt_bboxes_3d" in results:
-            boxes = rotate_boxes(np.asarray(results["gt_bboxes_3d"], np.float64).reshape(-1, 9), -theta)
+            boxes = rotate_boxes(_boxes(results), -theta)
             results["gt_bboxes_3d"] = scale_boxes(translate_boxes(boxes, translation), scale)
         T = np.eye(4)
         T[:3, :3] = scale * R
@@ -384,7 +390,7 @@ class RandomFlip3D:
                 points[:, col] *= -1
                 results["points"] = points
             if "gt_bboxes_3d" in results:
-                results["gt_bboxes_3d"] = flip_boxes(np.asarray(results["gt_bboxes_3d"], np.float64), axis)
+                results["gt_bboxes_3d"] = flip_boxes(_boxes(results), axis)
             if results.get("gt_masks_bev") is not None:
                 masks = np.asarray(results["gt_masks_bev"])
                 masks = masks[:, :, ::-1] if axis == "y" else masks[:, ::-1, :]
@@ -421,7 +427,8 @@ class ObjectRangeFilter:
         self.pcd_range = np.asarray(point_cloud_range, dtype=np.float64)
 
     def __call__(self, results: dict) -> dict:
-        boxes = np.asarray(results["gt_bboxes_3d"], np.float64)
+        boxes = _boxes(results)
+        results["gt_bboxes_3d"] = boxes
         r = self.pcd_range
         keep = (boxes[:, 0] > r[0]) & (boxes[:, 1] > r[1]) & (boxes[:, 0] < r[3]) & (boxes[:, 1] < r[4])
         _keep_boxes(results, keep)
