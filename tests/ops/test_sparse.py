@@ -140,16 +140,16 @@ def test_grads_vs_dense_autograd(impl):
 
 def test_threads_race_free():
     """Our CPU conv must give the dense answer at any thread count (spconv CPU does not)."""
-    x = random_tensor(shape=(24, 24, 12), batch=2, density=0.2, cin=16, empty=(), dtype=torch.float32)
+    x = random_tensor(shape=(16, 16, 8), batch=2, density=0.2, cin=16, empty=(), dtype=torch.float32)
     w = torch.randn(27, 16, 16)
     xd = x.replace_feature(x.feats.double())
     ref_sub = dense_conv(xd, w.double(), 3, subm=True)[1]
     rc, ref_conv, _ = dense_conv(xd, w.double(), 3, 2, 1)
     old = torch.get_num_threads()
     try:
-        for nt in (2, 3, 4):
+        for nt in (2, 4):
             torch.set_num_threads(nt)
-            for _ in range(3):
+            for _ in range(2):
                 for impl in ("gather", "im2col"):
                     y = subm_conv3d(x, w, 3, impl=impl)
                     torch.testing.assert_close(y.feats.double(), ref_sub, rtol=1e-4, atol=1e-4)
