@@ -220,3 +220,4 @@ def test_synthetic_drive_maps(request):
     for k, name in enumerate(MAP_CLASSES[:5]):
         ref = nusc_map.get_map_mask((origin[0], origin[1], 100.0, 100.0), angle, [name], (200, 200))[0].T
         np.testing.assert_array_equal(masks[k], ref, err_msg=name)
+    assert masks[0].any() and not masks[0].all()  # some drivable area around the map's centre
