@@ -50,6 +50,7 @@ TRANSFORMS = Registry("transform", {
     "ObjectPaste": "bevfusion.datasets.transforms.object_paste:ObjectPaste",
     "ImageAug3D": "bevfusion.datasets.transforms.augment:ImageAug3D",
     "GlobalRotScaleTrans": "bevfusion.datasets.transforms.augment:GlobalRotScaleTrans",
+    "LoadBEVSegmentation": "bevfusion.datasets.transforms.bev_seg:LoadBEVSegmentation",
     "RandomFlip3D": "bevfusion.datasets.transforms.augment:RandomFlip3D",
     "PointsRangeFilter": "bevfusion.datasets.transforms.augment:PointsRangeFilter",
     "ObjectRangeFilter": "bevfusion.datasets.transforms.augment:ObjectRangeFilter",

@@ -8,28 +8,14 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("nuscenes")
-from nuscenes import NuScenes  # noqa: E402
 from nuscenes.utils.geometry_utils import points_in_box  # noqa: E402
 
 from bevfusion.data.synthetic import CLASS_HUES, CLASS_NAMES  # noqa: E402
-from bevfusion.datasets.converters.nuscenes import (  # noqa: E402
-    CAMERA_NAMES,
-    create_groundtruth_database,
-    create_nuscenes_infos,
-)
+from bevfusion.datasets.converters.nuscenes import CAMERA_NAMES  # noqa: E402
 from bevfusion.datasets.nuscenes import NuScenesDataset  # noqa: E402
 from bevfusion.structures.boxes import box_corners, official_to_internal, points_in_boxes_np  # noqa: E402
 from bevfusion.structures.geometry import invert_transform, make_transform  # noqa: E402
 from bevfusion.utils.io import load_pickle  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def converted(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("infos")
-    written = create_nuscenes_infos(synthetic_root, "v1.0-mini", out, max_sweeps=10)
-    db = create_groundtruth_database(synthetic_root, written["train"], out)
-    nusc = NuScenes("v1.0-mini", str(synthetic_root), verbose=False)
-    return synthetic_root, out, written, db, nusc
 
 
 def test_official_fields_and_dtypes(converted):
