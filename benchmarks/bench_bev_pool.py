@@ -1,6 +1,7 @@
 """BEV pooling: ours vs torch index_add, the LSS cumsum trick and the memory-traffic floor, in one run.
 
 usage: python benchmarks/bench_bev_pool.py [--device cpu|cuda] [--small] [--dtypes fp32,fp16] [--repeat N]
+                                          [--threads T] [--skip-lss]
 
 Problem (BEVFusion's camera branch, GPU_ANCHORS.md): six synthetic pinhole cameras around the ego
 (704 x 256 images, fx 560 px, rear camera 360 px), 118 depth bins (dbound [1, 60, 0.5]) x 32 x 88
@@ -141,8 +142,11 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default fp32 on CPU, fp32,fp16 on CUDA)")
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch (and our numba) CPU threads")
     ap.add_argument("--skip-lss", action="store_true", help="skip the LSS cumsum row (slow)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtypes = (args.dtypes or ("fp32,fp16" if cuda else "fp32")).split(",")

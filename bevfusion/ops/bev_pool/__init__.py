@@ -101,6 +101,9 @@ def _pool_forward(feats: torch.Tensor, plan: BevPoolPlan, impl: str) -> torch.Te
 def _pool_backward(grad: torch.Tensor, plan: BevPoolPlan, impl: str) -> torch.Tensor:
     if impl == "triton":
         return _triton_module().pool_backward(grad, plan)
+    cpu = _cpu_module()
+    if cpu is not None:
+        return cpu.pool_backward(grad, plan)
     cells = plan.point_cells
     out = grad.index_select(0, cells.clamp(min=0))
     return out.masked_fill_((cells < 0).unsqueeze(1), 0)

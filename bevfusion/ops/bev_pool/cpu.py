@@ -71,29 +71,73 @@ def _even_bounds(n: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- plan
 @numba.njit(cache=True, nogil=True)
-def _counting_sort(cells, g):
-    n = cells.shape[0]
+def _plan(coords, batch_size, d, h, w):
+    """One pass for cells and counts, a prefix sum, one scatter pass (stable bucket sort), then the
+    intervals and the longest-first launch order (a bucket sort by length)."""
+    n = coords.shape[0]
+    g = batch_size * d * h * w
+    cells = np.empty(n, dtype=np.int64)
     ptr = np.zeros(g + 1, dtype=np.int64)
     for i in range(n):
-        c = cells[i]
-        if c >= 0:
+        x = np.int64(coords[i, 0])
+        y = np.int64(coords[i, 1])
+        z = np.int64(coords[i, 2])
+        b = np.int64(coords[i, 3])
+        if 0 <= x < h and 0 <= y < w and 0 <= z < d and 0 <= b < batch_size:
+            c = ((b * d + z) * h + x) * w + y
+            cells[i] = c
             ptr[c + 1] += 1
+        else:
+            cells[i] = -1
+    m = 0
+    max_len = 0
     for c in range(g):
+        length = ptr[c + 1]
+        if length > 0:
+            m += 1
+            if length > max_len:
+                max_len = length
         ptr[c + 1] += ptr[c]
-    order = np.empty(ptr[g], dtype=np.int64)
+    k = ptr[g]
+    order = np.empty(k, dtype=np.int64)
+    ranks = np.empty(k, dtype=np.int64)
     fill = ptr[:-1].copy()
     for i in range(n):
         c = cells[i]
         if c >= 0:
             order[fill[c]] = i
+            ranks[fill[c]] = c
             fill[c] += 1
-    return order, ptr
+    starts = np.empty(m, dtype=np.int64)
+    lengths = np.empty(m, dtype=np.int64)
+    icells = np.empty(m, dtype=np.int64)
+    by_len = np.zeros(max_len + 2, dtype=np.int64)  # bucket pointers, longest first
+    j = 0
+    for c in range(g):
+        length = ptr[c + 1] - ptr[c]
+        by_len[max_len - length + 1] += 1
+        if length > 0:
+            starts[j] = ptr[c]
+            lengths[j] = length
+            icells[j] = c
+            j += 1
+    for t in range(max_len + 1):
+        by_len[t + 1] += by_len[t]
+    launch = np.empty(g, dtype=np.int64)
+    for c in range(g):
+        t = max_len - (ptr[c + 1] - ptr[c])
+        launch[by_len[t]] = c
+        by_len[t] += 1
+    return cells, order, ranks, starts, lengths, icells, ptr, launch
 
 
-def counting_sort(cells: torch.Tensor, num_cells: int):
-    """Stable bucket sort of the kept points by cell: (order (K,), cell_ptr (G + 1,)), both int64."""
-    order, ptr = _counting_sort(_np(cells), num_cells)
-    return torch.from_numpy(order), torch.from_numpy(ptr)
+def plan_arrays(coords: torch.Tensor, batch_size: int, grid):
+    """The plan's tensors for CPU coords, in `BevPoolPlan` field order after num_points:
+    (point_cells, order, ranks, interval_starts, interval_lengths, interval_cells, cell_ptr, launch_cells)."""
+    if coords.dtype not in (torch.int32, torch.int64):
+        coords = coords.long()
+    d, h, w = grid
+    return tuple(torch.from_numpy(a) for a in _plan(_np(coords), batch_size, d, h, w))
 
 
 # ----------------------------------------------------------------------------- bev_pool
@@ -121,13 +165,33 @@ def pool_forward(feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     return out.to(feats.dtype)
 
 
+@numba.njit(cache=True, nogil=True)
+def _gather_rows(lo, hi, src, cells, out):
+    c_dim = src.shape[1]
+    for i in range(lo, hi):
+        cell = cells[i]
+        if cell >= 0:
+            for c in range(c_dim):
+                out[i, c] = src[cell, c]
+        else:
+            for c in range(c_dim):
+                out[i, c] = 0
+
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
 def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     """(G, C) output gradient -> (N, C) feature gradient: every kept point receives its cell's
-    gradient unchanged (derivative of a sum), dropped points receive zero."""
-    cells = plan.point_cells
-    grad = grad_cells.index_select(0, cells.clamp(min=0))
-    grad.masked_fill_((cells < 0).unsqueeze(1), 0)
-    return grad
+    gradient unchanged (derivative of a sum), dropped points receive zero. A pure copy, done on the
+    bit patterns so that every float dtype (bf16 included) takes the same kernel."""
+    bits = _BITS[grad_cells.dtype]
+    out = torch.empty(plan.num_points, grad_cells.shape[1], dtype=grad_cells.dtype)
+    if plan.num_points and grad_cells.shape[1]:
+        _run_chunks(_gather_rows, _even_bounds(plan.num_points), _np(grad_cells.view(bits)),
+                    _np(plan.point_cells), out.view(bits).numpy())
+    return out
 
 
 # ----------------------------------------------------------------------------- fused lift + pool
@@ -147,7 +211,8 @@ def _lift_fwd(lo, hi, depth, feats, order, starts, lengths, cells, dp, p, out):
                 out[cell, c] += w * feats[row, c]
 
 
-@numba.njit(cache=True, nogil=True)
+# Reassociation lets LLVM vectorise the dot product over channels (no NaN/inf assumptions).
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _lift_bwd(lo, hi, grad, depth, feats, point_cells, d_bins, p, grad_depth, grad_feats):
     # grad: (G, C); grad_depth: (BN*D*P,); grad_feats: (BN*P, C), zero-initialised.
     c_dim = feats.shape[1]
@@ -159,11 +224,11 @@ def _lift_bwd(lo, hi, grad, depth, feats, point_cells, d_bins, p, grad_depth, gr
             cell = point_cells[i]
             if cell >= 0:
                 w = depth[i]
-                dot = 0.0
+                dot = grad[cell, 0] * 0  # accumulator in the arrays' dtype
                 for c in range(c_dim):
-                    g = grad[cell, c]
-                    dot += g * feats[q, c]
-                    grad_feats[q, c] += w * g
+                    dot += grad[cell, c] * feats[q, c]
+                for c in range(c_dim):
+                    grad_feats[q, c] += w * grad[cell, c]
                 grad_depth[i] = dot
 
 

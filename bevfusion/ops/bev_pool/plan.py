@@ -116,12 +116,6 @@ def point_cells(coords: torch.Tensor, batch_size: int, grid: Sequence[int]) -> t
     return torch.where(keep, cells, torch.full_like(cells, -1))
 
 
-def _counting_sort_numba():
-    from .cpu import counting_sort  # numba, imported lazily
-
-    return counting_sort
-
-
 def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
                   drop_outside: bool = True) -> BevPoolPlan:
     """Mask, rank and sort the points once; the result drives `bev_pool_with_plan`.
@@ -142,7 +136,28 @@ def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
     device = coords.device
     n = coords.shape[0]
     g = batch_size * grid[0] * grid[1] * grid[2]
-    cells = point_cells(coords, batch_size, grid)
+    if device.type == "cpu" and _numba_available():
+        # numba: one counting pass and one scatter pass (a stable O(N) bucket sort over G cells).
+        from .cpu import plan_arrays
+
+        (cells, order, ranks, interval_starts, interval_lengths, interval_cells, cell_ptr,
+         launch_cells) = plan_arrays(coords, batch_size, grid)
+    else:
+        cells = point_cells(coords, batch_size, grid)
+        kept = (cells >= 0).nonzero().squeeze(1)
+        kept_cells = cells[kept]
+        perm = torch.sort(kept_cells, stable=True).indices
+        order = kept[perm]
+        counts = torch.bincount(kept_cells, minlength=g)
+        cell_ptr = torch.zeros(g + 1, dtype=torch.int64, device=device)
+        torch.cumsum(counts, 0, out=cell_ptr[1:])
+        ranks = cells[order]
+        lengths_all = counts
+        interval_cells = (lengths_all > 0).nonzero().squeeze(1)
+        interval_starts = cell_ptr[interval_cells]
+        interval_lengths = lengths_all[interval_cells]
+        # Longest first, ties by cell id (stable sort over cells that are already increasing).
+        launch_cells = torch.sort(lengths_all, descending=True, stable=True).indices
     if not drop_outside:
         bad = (cells < 0).nonzero()
         if bad.numel():
@@ -151,25 +166,6 @@ def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
                 f"bev_pool_plan(drop_outside=False): {bad.shape[0]} of {n} points lie outside the grid "
                 f"(D, H, W) = {grid} with batch_size {batch_size}; first is point {i} with "
                 f"(x, y, z, batch) = {tuple(coords[i].tolist())}")
-
-    if device.type == "cpu" and _numba_available():
-        # O(N) counting sort over G buckets instead of a comparison sort; stable.
-        order, cell_ptr = _counting_sort_numba()(cells, g)
-    else:
-        kept = (cells >= 0).nonzero().squeeze(1)
-        kept_cells = cells[kept]
-        perm = torch.sort(kept_cells, stable=True).indices
-        order = kept[perm]
-        counts = torch.bincount(kept_cells, minlength=g)
-        cell_ptr = torch.zeros(g + 1, dtype=torch.int64, device=device)
-        torch.cumsum(counts, 0, out=cell_ptr[1:])
-    ranks = cells[order]
-    lengths_all = cell_ptr[1:] - cell_ptr[:-1]
-    interval_cells = (lengths_all > 0).nonzero().squeeze(1)
-    interval_starts = cell_ptr[interval_cells]
-    interval_lengths = lengths_all[interval_cells]
-    # Longest first, ties by cell id (stable sort over cells that are already increasing).
-    launch_cells = torch.sort(lengths_all, descending=True, stable=True).indices
     return BevPoolPlan(batch_size=batch_size, grid=grid, num_points=n, order=order, ranks=ranks,
                        point_cells=cells, interval_starts=interval_starts, interval_lengths=interval_lengths,
                        interval_cells=interval_cells, cell_ptr=cell_ptr, launch_cells=launch_cells)
