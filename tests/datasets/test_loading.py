@@ -285,3 +285,33 @@ def test_every_registered_transform_resolves():
 
     for name in TRANSFORMS.names():
         assert callable(TRANSFORMS.get(name)), name
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Returns its index and a draw from numpy's global state (as augmentations consume it)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i), "draw": torch.tensor(np.random.rand())}
+
+
+def test_ddp_samplers_split_the_data():
+    seen = []
+    for rank in range(2):
+        loader = build_dataloader(_RandomDraws(), samples_per_gpu=2, shuffle=True, seed=3, rank=rank, world_size=2)
+        seen.append([int(i) for b in loader for i in b["index"]])
+    assert len(seen[0]) == len(seen[1]) == 6
+    assert sorted(seen[0] + seen[1]) == list(range(12))
+
+
+def test_worker_seeding_is_reproducible_and_distinct():
+    def run():
+        loader = build_dataloader(_RandomDraws(), samples_per_gpu=1, workers_per_gpu=2, shuffle=True, seed=7)
+        return [(int(b["index"]), float(b["draw"])) for b in loader]
+
+    first, second = run(), run()
+    assert first == second  # same seed: same order and same augmentation draws
+    draws = [d for _, d in first]
+    assert len(set(draws)) == len(draws)  # the two workers do not repeat each other's draws
