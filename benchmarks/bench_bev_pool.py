@@ -140,7 +140,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default fp32 on CPU, fp32,fp16 on CUDA)")
+    ap.add_argument("--dtypes", default=None, help="fp32,fp16,bf16 (default: fp32 on CPU, fp32,fp16 on CUDA)")
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch (and our numba) CPU threads")
     ap.add_argument("--skip-lss", action="store_true", help="skip the LSS cumsum row (slow)")

@@ -50,7 +50,8 @@ def make_case(name, gen, c=5, batch_size=2, grid=(2, 4, 3)):
                                [0, 0, -1, 0], [0, 0, 0, batch_size], [0, 0, 0, -1]], dtype=torch.int32)
     elif name == "random":  # several batches, duplicates, about a third outside
         n = 150
-        coords = torch.stack([torch.randint(-2, h + 2, (n,), generator=gen), torch.randint(-1, w + 1, (n,), generator=gen),
+        coords = torch.stack([torch.randint(-2, h + 2, (n,), generator=gen),
+                              torch.randint(-1, w + 1, (n,), generator=gen),
                               torch.randint(-1, d + 1, (n,), generator=gen),
                               torch.randint(0, batch_size + 1, (n,), generator=gen)], 1).to(torch.int64)
     else:
@@ -194,6 +195,9 @@ class TestPlan:
             bev_pool_plan(coords, 1, (1, 2, 2), drop_outside=False)
         plan = bev_pool_plan(coords[:2], 1, (1, 2, 2), drop_outside=False)
         assert plan.num_kept == 2
+        for impl in IMPLS:
+            with pytest.raises(ValueError, match="lie outside"):
+                bev_pool(torch.ones(3, 2), coords, 1, (1, 2, 2), impl=impl, drop_outside=False)
 
 
 class TestGradients:
@@ -225,7 +229,8 @@ def make_lift_case(gen, bn=2, d_bins=3, fh=2, fw=3, c=4, grid=(1, 3, 3), batch_s
     feats = torch.randn(bn, fh, fw, c, generator=gen, dtype=torch.float64)
     n = depth.numel()
     lo = -1 if outside else 0
-    coords = torch.stack([torch.randint(lo, grid[1], (n,), generator=gen), torch.randint(lo, grid[2], (n,), generator=gen),
+    coords = torch.stack([torch.randint(lo, grid[1], (n,), generator=gen),
+                          torch.randint(lo, grid[2], (n,), generator=gen),
                           torch.zeros(n, dtype=torch.int64), torch.arange(n) * batch_size // n], 1)
     return depth, feats, coords, batch_size, grid
 

@@ -163,7 +163,7 @@ def _to_output(cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     return cells.view(plan.batch_size, d, h, w, cells.shape[1]).permute(0, 4, 1, 2, 3)
 
 
-def _plan_from_args(coords, batch_size, grid, plan, device):
+def _plan_from_args(coords, batch_size, grid, plan, device, drop_outside=True):
     if plan is not None:
         if coords is not None:
             raise ValueError("bev_pool: pass either coords (with batch_size and grid) or plan, not both")
@@ -178,13 +178,13 @@ def _plan_from_args(coords, batch_size, grid, plan, device):
     check_coords(coords)
     if coords.device != device:
         raise ValueError(f"bev_pool: coords are on {coords.device} but the features are on {device}")
-    return bev_pool_plan(coords, batch_size, grid)
+    return bev_pool_plan(coords, batch_size, grid, drop_outside=drop_outside)
 
 
 # ----------------------------------------------------------------------------- public API
 def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
              grid: Optional[Sequence[int]] = None, impl: str = "auto", *,
-             plan: Optional[BevPoolPlan] = None) -> torch.Tensor:
+             plan: Optional[BevPoolPlan] = None, drop_outside: bool = True) -> torch.Tensor:
     """Sum the features of points that share a BEV cell.
 
     Args:
@@ -196,6 +196,8 @@ def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_s
         impl: "auto" | "reference" | "cpu" | "triton".
         plan: a `BevPoolPlan` from `bev_pool_plan`, instead of coords (batch_size and grid may then be
             omitted; if given they must match the plan).
+        drop_outside: False promises that every point is inside the grid; the promise is checked
+            (ValueError naming the first offending point), never trusted blindly.
     Returns:
         (B, C, D, H, W) in the dtype of `feats` (accumulated in fp32, fp64 for fp64), with
         out[b, :, z, x, y] = sum of the rows of `feats` whose coords are (x, y, z, b); zero for empty
@@ -203,10 +205,10 @@ def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_s
         `feats`.
     """
     _check_float("feats", feats)
-    if impl == "reference" and plan is None and coords is not None:
+    if impl == "reference" and plan is None and coords is not None and drop_outside:
         _check_shapes(feats, coords)
         return bev_pool_reference(feats, coords, batch_size, _check_grid(batch_size, grid))
-    plan = _plan_from_args(coords, batch_size, grid, plan, feats.device)
+    plan = _plan_from_args(coords, batch_size, grid, plan, feats.device, drop_outside)
     return bev_pool_with_plan(feats, plan, impl)
 
 
@@ -234,7 +236,7 @@ def bev_pool_with_plan(feats: torch.Tensor, plan: BevPoolPlan, impl: str = "auto
 
 def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[torch.Tensor] = None,
                   batch_size: Optional[int] = None, grid: Optional[Sequence[int]] = None, impl: str = "auto", *,
-                  plan: Optional[BevPoolPlan] = None) -> torch.Tensor:
+                  plan: Optional[BevPoolPlan] = None, drop_outside: bool = True) -> torch.Tensor:
     """Fused LSS lift + BEV pooling: `bev_pool(depth[:, :, :, :, None] * feats[:, None], ...)` without
     materialising the (BN, D, fH, fW, C) frustum features.
 
@@ -242,8 +244,8 @@ def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[tor
         depth: (BN, D, fH, fW) float, depth probabilities per camera (BN = batch x cameras).
         feats: (BN, fH, fW, C) float, image features channels-last (from the usual (BN, C, fH, fW),
             `x.permute(0, 2, 3, 1)`; any strides, a copy is made if needed). Same dtype as `depth`.
-        coords / batch_size / grid / plan: as in `bev_pool`, over the BN * D * fH * fW frustum points in
-            (BN, D, fH, fW) order (the order of `geom.flatten(0, -2)` for geometry (B, N, D, fH, fW, 3)).
+        coords / batch_size / grid / plan / drop_outside: as in `bev_pool`, over the BN * D * fH * fW
+            frustum points in (BN, D, fH, fW) order (the order of `geom.flatten(0, -2)` for geometry (B, N, D, fH, fW, 3)).
         impl: "auto" | "reference" | "cpu" | "triton".
     Returns:
         (B, C, D_out, H, W) in feats' dtype (fp32 accumulation), channels-last memory. Differentiable
@@ -263,12 +265,12 @@ def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[tor
     if plan is None and coords is not None and (coords.dim() != 2 or coords.shape[0] != n_points):
         raise ValueError(f"lift_bev_pool: coords must be (BN*D*fH*fW, 4) = ({n_points}, 4), got {tuple(coords.shape)}")
     impl_r = _resolve_impl(impl, depth.device)
-    if impl_r == "reference" and plan is None and coords is not None:
+    if impl_r == "reference" and plan is None and coords is not None and drop_outside:
         check_coords(coords)
         if coords.device != depth.device:
             raise ValueError(f"lift_bev_pool: coords on {coords.device}, depth on {depth.device}")
         return bev_pool_reference(lift_reference(depth, feats), coords, batch_size, _check_grid(batch_size, grid))
-    plan = _plan_from_args(coords, batch_size, grid, plan, depth.device)
+    plan = _plan_from_args(coords, batch_size, grid, plan, depth.device, drop_outside)
     if plan.num_points != n_points:
         raise ValueError(f"lift_bev_pool: the plan covers {plan.num_points} points, depth has {n_points}")
     if impl_r == "reference":
