@@ -318,3 +318,18 @@ def test_cpu_autotune_choice_is_deterministic():
     w = torch.randn(27, 3, 4, dtype=torch.float64)
     choices = {tune.choose("fwd", x.feats, w, km, run=None) for _ in range(3)}
     assert len(choices) == 1 and next(iter(choices))[0] in ("gather", "im2col")
+
+
+def test_conv_kmap_isolated_sites_dilation_sharing_stride():
+    """stride 2 with dilation 2: each isolated input reaches all 27 outputs (the hash table must be sized
+    for that, not for the usual 8)."""
+    g = torch.Generator().manual_seed(5)
+    c = torch.unique(torch.randint(1, 7, (40, 3), generator=g) * 8, dim=0).int()  # far apart, off the border
+    c = torch.cat([torch.zeros(c.shape[0], 1, dtype=torch.int32), c], 1)
+    x = SparseTensor(torch.randn(c.shape[0], 2, dtype=torch.float64, generator=g), c, (64, 64, 64))
+    w = torch.randn(27, 2, 3, dtype=torch.float64, generator=g)
+    y = sparse_conv3d(x, w, 3, 2, 2, 2, impl="im2col")
+    rc, rf, _ = dense_conv(x, w, 3, 2, 2, 2)
+    assert y.coords.shape[0] == 27 * c.shape[0]
+    assert torch.equal(y.coords.long(), rc)
+    torch.testing.assert_close(y.feats, rf)

@@ -6,6 +6,8 @@ im2col path writes disjoint row blocks.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kmap import KernelMap
@@ -145,12 +147,12 @@ def subm_pairs_numba(coords: torch.Tensor, keys: torch.Tensor, offs: torch.Tenso
     import numpy as np
 
     nbk = _numba_kernels()
-    tk, tv, dup = nbk.hash_build(keys.numpy(), _bits(keys.shape[0]))
+    table, dup = nbk.hash_build(keys.numpy(), _bits(keys.shape[0]))
     if dup >= 0:
         raise ValueError(f"sparse conv: duplicate coordinates in the input SparseTensor, e.g. (batch, x, y, z) = "
                          f"{coords[dup].tolist()}")
     i, o, cnt = nbk.subm_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64),
-                                  np.asarray(shape, np.int64), tk, tv)
+                                  np.asarray(shape, np.int64), table)
     return torch.from_numpy(i), torch.from_numpy(o), cnt.tolist()
 
 
@@ -159,11 +161,14 @@ def conv_pairs_numba(coords: torch.Tensor, offs: torch.Tensor, pad, stride, out_
     import numpy as np
 
     nbk = _numba_kernels()
-    # each input reaches at most prod(ceil(k / s)) outputs: size the table for a load factor <= 1/2
-    ks = [int(offs[:, d].unique().numel()) for d in range(3)]
+    # along one axis an input reaches the k offsets with k*dil = const (mod stride), at most
+    # ceil(k / (stride / gcd(stride, dil))) of them: size the table for a load factor <= 1/2
     reach = 1
-    for k, s in zip(ks, stride):
-        reach *= -(-k // s)
+    for d in range(3):
+        vals = offs[:, d].unique()
+        k = int(vals.numel())
+        dil = int(vals[1] - vals[0]) if k > 1 else 1
+        reach *= -(-k // (stride[d] // math.gcd(stride[d], dil)))
     i, o, cnt, okeys = nbk.conv_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64),
                                          np.asarray(pad, np.int64), np.asarray(stride, np.int64),
                                          np.asarray(out_shape, np.int64), _bits(reach * coords.shape[0]))

@@ -12,31 +12,31 @@ def _slot(key, mask):
 
 @numba.njit(cache=True, nogil=True)
 def hash_build(keys, bits):
+    # key and value side by side: one cache line per probe
     size = 1 << bits
     mask = size - 1
-    tk = np.full(size, -1, np.int64)
-    tv = np.full(size, -1, np.int64)
+    t = np.full(2 * size, -1, np.int64)
     dup = -1
     for i in range(keys.shape[0]):
         k = keys[i]
         s = _slot(k, mask)
-        while tk[s] != -1 and tk[s] != k:
+        while t[2 * s] != -1 and t[2 * s] != k:
             s = (s + 1) & mask
-        if tk[s] == k:
+        if t[2 * s] == k:
             dup = i
             break
-        tk[s] = k
-        tv[s] = i
-    return tk, tv, dup
+        t[2 * s] = k
+        t[2 * s + 1] = i
+    return t, dup
 
 
 @numba.njit(cache=True, nogil=True)
-def subm_pairs(coords, offs, shape, tk, tv):
+def subm_pairs(coords, offs, shape, t):
     """Centred odd kernel: offset K-1-k mirrors offset k, so only k < centre is searched."""
     n = coords.shape[0]
     K = offs.shape[0]
     c = (K - 1) // 2
-    mask = tk.shape[0] - 1
+    mask = t.shape[0] // 2 - 1
     X, Y, Z = shape[0], shape[1], shape[2]
     hi = np.empty(c * n, np.int64)
     ho = np.empty(c * n, np.int64)
@@ -52,10 +52,10 @@ def subm_pairs(coords, offs, shape, tk, tv):
                 continue
             key = ((coords[i, 0] * X + x) * Y + y) * Z + z
             s = _slot(key, mask)
-            while tk[s] != -1 and tk[s] != key:
+            while t[2 * s] != -1 and t[2 * s] != key:
                 s = (s + 1) & mask
-            if tk[s] == key:
-                hi[p] = tv[s]
+            if t[2 * s] == key:
+                hi[p] = t[2 * s + 1]
                 ho[p] = i
                 p += 1
                 cnt[k] += 1
@@ -90,8 +90,7 @@ def conv_pairs(coords, offs, pad, stride, oshape, bits):
     K = offs.shape[0]
     size = 1 << bits
     mask = size - 1
-    tk = np.full(size, -1, np.int64)
-    tv = np.full(size, -1, np.int64)
+    t = np.full(2 * size, -1, np.int64)
     okeys = np.empty(K * n, np.int64)
     in_idx = np.empty(K * n, np.int64)
     out_idx = np.empty(K * n, np.int64)
@@ -113,15 +112,15 @@ def conv_pairs(coords, offs, pad, stride, oshape, bits):
                 continue
             key = ((coords[i, 0] * X + ox) * Y + oy) * Z + oz
             s = _slot(key, mask)
-            while tk[s] != -1 and tk[s] != key:
+            while t[2 * s] != -1 and t[2 * s] != key:
                 s = (s + 1) & mask
-            if tk[s] == -1:
-                tk[s] = key
-                tv[s] = m
+            if t[2 * s] == -1:
+                t[2 * s] = key
+                t[2 * s + 1] = m
                 okeys[m] = key
                 m += 1
             in_idx[p] = i
-            out_idx[p] = tv[s]
+            out_idx[p] = t[2 * s + 1]
             p += 1
             cnt[k] += 1
     return in_idx[:p], out_idx[:p], cnt, okeys[:m]
