@@ -21,3 +21,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share two cores: one intra-op thread each avoids oversubscription.
     # Tests that check thread safety set their own thread count.
     torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic nuScenes-format drive (v1.0-mini: 10 scenes x 2 samples, 400x225 images),
+    generated once per session; returns its dataroot (pathlib.Path). Treat it as read-only."""
+    from bevfusion.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synthetic") / "nuscenes", seed=0, num_scenes=10, samples_per_scene=2,
+                    image_size=(400, 225), lidar_azimuth_steps=540, workers=1, show_progress=False)
