@@ -245,7 +245,8 @@ def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[tor
         feats: (BN, fH, fW, C) float, image features channels-last (from the usual (BN, C, fH, fW),
             `x.permute(0, 2, 3, 1)`; any strides, a copy is made if needed). Same dtype as `depth`.
         coords / batch_size / grid / plan / drop_outside: as in `bev_pool`, over the BN * D * fH * fW
-            frustum points in (BN, D, fH, fW) order (the order of `geom.flatten(0, -2)` for geometry (B, N, D, fH, fW, 3)).
+            frustum points in (BN, D, fH, fW) order (the order of `geom.flatten(0, -2)` for the
+            (B, N, D, fH, fW, 3) geometry).
         impl: "auto" | "reference" | "cpu" | "triton".
     Returns:
         (B, C, D_out, H, W) in feats' dtype (fp32 accumulation), channels-last memory. Differentiable
