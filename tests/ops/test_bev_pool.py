@@ -323,6 +323,28 @@ class TestGeometry:
         assert torch.equal(coords[:, :3], official)
         assert coords[:, 3].tolist() == [0] * 60 + [1] * 60
 
+    def test_view_transform_flow_matches_official_steps(self):
+        # geometry -> coords -> plan -> fused lift + pool, against the official steps written out:
+        # outer product, truncating cell index, mask, sum per cell.
+        gen = torch.Generator().manual_seed(31)
+        b, n_cam, d_bins, fh, fw, c = 2, 2, 3, 2, 4, 5
+        dx, lower, nx = grid_from_bounds([-3.0, 3.0, 1.0], [-2.0, 2.0, 0.5], [-1.0, 1.0, 2.0])
+        geom = (torch.rand(b, n_cam, d_bins, fh, fw, 3, generator=gen) - 0.5) * torch.tensor([7.0, 5.0, 2.5])
+        depth = torch.rand(b * n_cam, d_bins, fh, fw, generator=gen, dtype=torch.float64)
+        feats = torch.randn(b * n_cam, fh, fw, c, generator=gen, dtype=torch.float64)
+        grid = (nx[2], nx[0], nx[1])
+        coords = points_to_bev_coords(geom, dx, lower, nx)
+        plan = bev_pool_plan(coords, b, grid)
+        expected = torch.zeros(b, c, *grid, dtype=torch.float64)
+        x = depth.view(b, n_cam, d_bins, fh, fw, 1) * feats.view(b, n_cam, 1, fh, fw, c)
+        cell = ((geom - lower) / dx).long()
+        for idx in torch.cartesian_prod(*(torch.arange(s) for s in geom.shape[:5])).tolist():
+            ix, iy, iz = cell[tuple(idx)].tolist()
+            if 0 <= ix < nx[0] and 0 <= iy < nx[1] and 0 <= iz < nx[2]:
+                expected[idx[0], :, iz, ix, iy] += x[tuple(idx)]
+        for impl in IMPLS:
+            torch.testing.assert_close(lift_bev_pool(depth, feats, plan=plan, impl=impl), expected)
+
 
 class TestBadInput:
     def setup_method(self):

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .plan import BevPoolPlan, _check_grid, bev_pool_plan, check_coords, point_cells
+from .plan import BevPoolPlan, _check_grid, bev_pool_plan, check_coords
 from .reference import bev_pool_reference, lift_reference, pool_cells_reference
 
 __all__ = [

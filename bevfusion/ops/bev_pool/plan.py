@@ -15,7 +15,7 @@ import torch
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BevPoolPlan:
     """Kept points sorted by output cell, plus the intervals that the reduction walks.
 
