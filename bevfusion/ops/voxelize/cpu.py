@@ -1,0 +1,189 @@
+"""Fast voxelization paths that need no GPU.
+
+* `hard_voxelize_numba` / `assign_numba`: one sequential pass over the points with an open-addressing
+  hash table (cell key → voxel id), which *is* the first-come definition: voxel ids follow first
+  appearance, later points of a full voxel and later voxels past `max_voxels` are dropped. O(P), no
+  sort, no dense grid (1440 x 1440 x 40 cells would be 332 MB of int32).
+* `hard_voxelize_sorted` / `assign_sorted`: the same result from device-agnostic torch ops (one stable
+  sort by cell key, segment starts, voxels ranked by their first point). It is the fallback without
+  numba and the host part of the Triton path (`triton.py` passes its own kernels for the per-point
+  steps).
+
+numba is imported on first use of the numba functions only. Cells are computed in float32 (float64
+for float64 points) with the same IEEE operations as `reference.point_cells`, so every path puts a
+boundary point in the same cell.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .reference import compute_dtype, grid_size
+
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        import numba
+
+        @numba.njit(cache=False, nogil=True)
+        def cell_key(p, i, lo, vs, nx, ny, nz):
+            cx = np.floor((p[i, 0] - lo[0]) / vs[0])
+            cy = np.floor((p[i, 1] - lo[1]) / vs[1])
+            cz = np.floor((p[i, 2] - lo[2]) / vs[2])
+            # written as "not inside" so NaN coordinates count as outside
+            if not (cx >= 0 and cx < nx and cy >= 0 and cy < ny and cz >= 0 and cz < nz):
+                return -1, 0, 0, 0
+            ix, iy, iz = int(cx), int(cy), int(cz)
+            return (ix * ny + iy) * nz + iz, ix, iy, iz
+
+        @numba.njit(cache=False, nogil=True)
+        def lookup(table_keys, key, mask):
+            h = ((key ^ (key >> 17)) * 0x5851F42D4C957F2D) >> 21  # multiplicative hash, int64 wraps
+            h = h & mask
+            while table_keys[h] != -1 and table_keys[h] != key:
+                h = (h + 1) & mask
+            return h
+
+        @numba.njit(cache=False, nogil=True)
+        def assign(p, lo, vs, nx, ny, nz, max_points, max_voxels, table_keys, table_vals,
+                   coords, counts, slots):
+            """slots[i] = voxel * max_points + position (or -1); counts are uncapped occupancy of kept voxels."""
+            mask = table_keys.shape[0] - 1
+            nvox = 0
+            for i in range(p.shape[0]):
+                key, ix, iy, iz = cell_key(p, i, lo, vs, nx, ny, nz)
+                slots[i] = -1
+                if key < 0:
+                    continue
+                h = lookup(table_keys, key, mask)
+                if table_keys[h] == -1:
+                    if nvox >= max_voxels:
+                        continue
+                    table_keys[h] = key
+                    table_vals[h] = nvox
+                    coords[nvox, 0] = ix
+                    coords[nvox, 1] = iy
+                    coords[nvox, 2] = iz
+                    nvox += 1
+                v = table_vals[h]
+                n = counts[v]
+                if n < max_points:
+                    slots[i] = v * max_points + n
+                counts[v] = n + 1
+            return nvox
+
+        @numba.njit(cache=False, nogil=True)
+        def fill(p, slots, out):
+            f = p.shape[1]
+            for i in range(p.shape[0]):
+                s = slots[i]
+                if s >= 0:
+                    for j in range(f):
+                        out[s, j] = p[i, j]
+
+        _KERNELS = (assign, fill)
+    return _KERNELS
+
+
+def _table_size(n: int) -> int:
+    return 1 << max(4, int(2 * max(n, 1) - 1).bit_length())
+
+
+def _range_arrays(voxel_size, point_range, dtype):
+    nd = np.float64 if dtype == torch.float64 else np.float32
+    return (np.asarray([float(v) for v in point_range[:3]], dtype=nd),
+            np.asarray([float(v) for v in voxel_size], dtype=nd))
+
+
+def assign_numba(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int):
+    """First-come assignment. Returns coords (M, 3) int32, counts (M,) int64 (uncapped), slots (P,) int64."""
+    assign, _ = _kernels()
+    ct = compute_dtype(points.dtype)
+    xyz = points[:, :3].detach().to(ct).contiguous().numpy()
+    lo, vs = _range_arrays(voxel_size, point_range, ct)
+    nx, ny, nz = grid_size(voxel_size, point_range)
+    p = xyz.shape[0]
+    cap = min(p, max_voxels)
+    size = _table_size(cap)
+    table_keys = np.full(size, -1, dtype=np.int64)
+    table_vals = np.zeros(size, dtype=np.int64)
+    coords = np.zeros((cap, 3), dtype=np.int32)
+    counts = np.zeros(cap, dtype=np.int64)
+    slots = np.empty(p, dtype=np.int64)
+    m = assign(xyz, lo, vs, nx, ny, nz, max_points, max_voxels, table_keys, table_vals, coords, counts, slots)
+    return torch.from_numpy(coords[:m]), torch.from_numpy(counts[:m]), torch.from_numpy(slots)
+
+
+def hard_voxelize_numba(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int):
+    coords, counts, slots = assign_numba(points, voxel_size, point_range, max_points, max_voxels)
+    _, fill = _kernels()
+    m, f = coords.shape[0], points.shape[1]
+    feats = points.detach().to(compute_dtype(points.dtype)).contiguous().numpy()
+    out = np.zeros((m * max_points, f), dtype=feats.dtype)
+    fill(feats, slots.numpy(), out)
+    voxels = torch.from_numpy(out).view(m, max_points, f).to(points.dtype)
+    return voxels, coords, counts.clamp(max=max_points).to(torch.int32), slots
+
+
+# ----------------------------------------------------------------------------- sort-based (any device)
+def cells_and_keys_torch(points: torch.Tensor, voxel_size, point_range):
+    """(P, 3) int32 cells (-1 rows outside) and (P,) int64 keys (x*ny + y)*nz + z, grid volume outside."""
+    from .reference import point_cells
+
+    nx, ny, nz = grid_size(voxel_size, point_range)
+    cells = point_cells(points, voxel_size, point_range)
+    c = cells.long()
+    keys = (c[:, 0] * ny + c[:, 1]) * nz + c[:, 2]
+    keys = torch.where(cells[:, 0] >= 0, keys, torch.full_like(keys, nx * ny * nz))
+    return cells, keys
+
+
+def assign_sorted(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int,
+                  cells_and_keys: Optional[Callable] = None):
+    """First-come assignment from one stable sort. Same outputs as `assign_numba`, on any device."""
+    cells, keys = (cells_and_keys or cells_and_keys_torch)(points, voxel_size, point_range)
+    nx, ny, nz = grid_size(voxel_size, point_range)
+    sentinel = nx * ny * nz
+    p, dev = keys.shape[0], keys.device
+    if p == 0:
+        return (torch.zeros(0, 3, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
+                torch.zeros(0, dtype=torch.int64, device=dev))
+    sorted_keys, perm = torch.sort(keys, stable=True)  # stable: within a cell, points stay in input order
+    new_seg = torch.ones(p, dtype=torch.bool, device=dev)
+    new_seg[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    starts = torch.nonzero(new_seg).squeeze(1)  # (U,)
+    seg_id = torch.cumsum(new_seg, 0) - 1
+    seg_len = torch.diff(starts, append=torch.tensor([p], device=dev))
+    seg_valid = sorted_keys[starts] < sentinel
+    first = torch.where(seg_valid, perm[starts], torch.full_like(starts, p))  # first point of each cell
+    order = torch.argsort(first)  # first points are distinct: a deterministic order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=dev)
+    m = min(int(seg_valid.sum()), max_voxels)
+    pos = torch.arange(p, device=dev) - starts[seg_id]
+    vid = rank[seg_id]
+    keep = (sorted_keys < sentinel) & (vid < m) & (pos < max_points)
+    slots = torch.full((p,), -1, dtype=torch.int64, device=dev)
+    slots[perm] = torch.where(keep, vid * max_points + pos, torch.full_like(pos, -1))
+    kept_segs = order[:m]  # segment of voxel 0, 1, ... m-1
+    coords = cells[first[kept_segs]]
+    counts = seg_len[kept_segs]
+    return coords, counts, slots
+
+
+def scatter_slots_torch(points: torch.Tensor, slots: torch.Tensor, m: int, max_points: int) -> torch.Tensor:
+    out = points.new_zeros((m * max_points, points.shape[1]))
+    keep = slots >= 0
+    out[slots[keep]] = points[keep]
+    return out.view(m, max_points, points.shape[1])
+
+
+def hard_voxelize_sorted(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int):
+    coords, counts, slots = assign_sorted(points, voxel_size, point_range, max_points, max_voxels)
+    voxels = scatter_slots_torch(points.detach(), slots, coords.shape[0], max_points)
+    return voxels, coords, counts.clamp(max=max_points).to(torch.int32), slots
