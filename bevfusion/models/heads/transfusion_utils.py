@@ -146,7 +146,7 @@ def _cross2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
-def _inside_convex(points: torch.Tensor, poly: torch.Tensor, eps: float) -> torch.Tensor:
+def _inside_convex(points: torch.Tensor, poly: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
     """points (..., K, 2), poly (..., 4, 2) counter-clockwise → (..., K) bool (boundary counts as inside)."""
     edges = poly.roll(-1, dims=-2) - poly  # (..., 4, 2)
     rel = points[..., :, None, :] - poly[..., None, :, :]  # (..., K, 4, 2)
@@ -161,43 +161,54 @@ def rotated_bev_overlap(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.T
     Returns:
         (N, M) float64 area in m².
 
-    The intersection of two convex quads is the convex hull of: corners of A inside B, corners of B inside
+    Pairs whose circumscribed circles are disjoint are zero without further work. For the others, the
+    intersection of two convex quads is the convex hull of: corners of A inside B, corners of B inside
     A, and edge/edge crossings; those (≤ 24) candidates are sorted by angle about their mean and summed
     with the shoelace formula (invalid candidates are replaced by the first valid one, adding zero).
     """
-    a = bev_corners(boxes_a.double())[:, None].expand(-1, boxes_b.shape[0], -1, -1)  # (N, M, 4, 2)
-    b = bev_corners(boxes_b.double())[None].expand(boxes_a.shape[0], -1, -1, -1)
-    if a.numel() == 0 or b.numel() == 0:
-        return a.new_zeros(boxes_a.shape[0], boxes_b.shape[0])
+    a64, b64 = boxes_a.double(), boxes_b.double()
+    out = a64.new_zeros(boxes_a.shape[0], boxes_b.shape[0])
+    if out.numel() == 0:
+        return out
+    ra = torch.hypot(a64[:, 3], a64[:, 4]) / 2
+    rb = torch.hypot(b64[:, 3], b64[:, 4]) / 2
+    dist = torch.cdist(a64[:, :2], b64[:, :2])
+    ia, ib = torch.nonzero(dist < (ra[:, None] + rb[None]) * (1 + 1e-9) + 1e-9, as_tuple=True)
+    if len(ia):
+        out[ia, ib] = _pair_overlap(bev_corners(a64)[ia], bev_corners(b64)[ib])
+    return out
+
+
+def _pair_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(K, 4, 2) and (K, 4, 2) counter-clockwise corners → (K,) intersection areas."""
     scale = torch.maximum(a.abs().amax(dim=(-1, -2)), b.abs().amax(dim=(-1, -2))).clamp(min=1.0)
-    eps = 1e-9 * scale[..., None] ** 2
-    a_in_b = _inside_convex(a, b, 1e-9 * float(scale.max()) ** 2)
-    b_in_a = _inside_convex(b, a, 1e-9 * float(scale.max()) ** 2)
+    eps = 1e-9 * scale ** 2  # (K,), in units of area (cross products)
+    a_in_b = _inside_convex(a, b, eps[:, None, None])
+    b_in_a = _inside_convex(b, a, eps[:, None, None])
     # edge i of A (p → p + r) against edge j of B (q → q + s)
-    p, r = a[..., :, None, :], (a.roll(-1, dims=-2) - a)[..., :, None, :]  # (N, M, 4, 1, 2)
-    q, s = b[..., None, :, :], (b.roll(-1, dims=-2) - b)[..., None, :, :]  # (N, M, 1, 4, 2)
-    r, s = r.expand(-1, -1, 4, 4, -1), s.expand(-1, -1, 4, 4, -1)
+    p, r = a[:, :, None, :], (a.roll(-1, dims=-2) - a)[:, :, None, :]  # (K, 4, 1, 2)
+    q, s = b[:, None, :, :], (b.roll(-1, dims=-2) - b)[:, None, :, :]  # (K, 1, 4, 2)
+    r, s = r.expand(-1, 4, 4, -1), s.expand(-1, 4, 4, -1)
     qp = q - p
     denom = _cross2(r, s)
-    parallel = denom.abs() <= eps[..., None]
+    parallel = denom.abs() <= eps[:, None, None]
     safe = torch.where(parallel, torch.ones_like(denom), denom)
     t = _cross2(qp, s) / safe
     u = _cross2(qp, r) / safe
     hit = ~parallel & (t >= 0) & (t <= 1) & (u >= 0) & (u <= 1)
-    crossing = (p + t[..., None] * r).flatten(-3, -2)  # (N, M, 16, 2)
-    cand = torch.cat([a, b, crossing], dim=-2)  # (N, M, 24, 2)
-    valid = torch.cat([a_in_b, b_in_a, hit.flatten(-2)], dim=-1)  # (N, M, 24)
+    crossing = (p + t[..., None] * r).flatten(1, 2)  # (K, 16, 2)
+    cand = torch.cat([a, b, crossing], dim=1)  # (K, 24, 2)
+    valid = torch.cat([a_in_b, b_in_a, hit.flatten(1)], dim=1)  # (K, 24)
     count = valid.sum(-1)
-    vf = valid.to(cand.dtype)
-    centre = (cand * vf[..., None]).sum(-2) / count.clamp(min=1)[..., None]
-    rel = cand - centre[..., None, :]
+    centre = (cand * valid[..., None].to(cand.dtype)).sum(1) / count.clamp(min=1)[:, None]
+    rel = cand - centre[:, None, :]
     angle = torch.atan2(rel[..., 1], rel[..., 0])
-    angle = torch.where(valid, angle, torch.full_like(angle, 10.0))
+    angle = torch.where(valid, angle, torch.full_like(angle, 10.0))  # invalid ones sort last
     order = angle.argsort(dim=-1)
-    rel = rel.gather(-2, order[..., None].expand_as(rel))
-    valid = valid.gather(-1, order)
-    rel = torch.where(valid[..., None], rel, rel[..., :1, :].expand_as(rel))
-    area = 0.5 * _cross2(rel, rel.roll(-1, dims=-2)).sum(-1)
+    rel = rel.gather(1, order[..., None].expand_as(rel))
+    valid = valid.gather(1, order)
+    rel = torch.where(valid[..., None], rel, rel[:, :1, :].expand_as(rel))
+    area = 0.5 * _cross2(rel, rel.roll(-1, dims=1)).sum(-1)
     return torch.where(count >= 3, area.clamp(min=0), torch.zeros_like(area))
 
 
