@@ -105,6 +105,17 @@ def _unit(axis: int, d: int) -> np.ndarray:
     return np.array([float(d), 0.0]) if axis == 0 else np.array([0.0, float(d)])
 
 
+def lane_centre(k: int) -> float:
+    """Lateral offset of vehicles in driving lane k. Lane 1 traffic keeps 0.25 m toward the centre line
+    so that vehicles up to 3 m wide pass kerb-parked ones (flush with the walkway) without touching."""
+    return (k + 0.5) * LANE - (0.25 if k == 1 else 0.0)
+
+
+def kerb_centre(width: float) -> float:
+    """Lateral offset of a vehicle parked flush with the walkway edge."""
+    return 2 * LANE + KERB - width / 2 - 0.02
+
+
 def lateral_sign(world: MapWorld, axis: int, d: int) -> float:
     """Sign of the lateral offset (added to the across-road coordinate) of lanes travelling in d."""
     return -d * world.side if axis == 0 else d * world.side
@@ -161,7 +172,7 @@ class Populator:
                   a_min: float, a_max: float, keep_out: tuple[float, float] | None = None) -> None:
         """Vehicles in lane k travelling in d at `speed`, spaced along [a_min, a_max] at mid-scene."""
         sgn = lateral_sign(self.world, axis, d)
-        lat = sgn * (k + 0.5) * LANE
+        lat = sgn * lane_centre(k)
         yaw = _heading(axis, d)
         pos = a_min + self.rng.uniform(0, 10)
         while pos < a_max:
@@ -191,7 +202,7 @@ class Populator:
             pos = self.clear_of_nodes(pos, max(w, l))
             if pos >= a_max:
                 break
-            lat = sgn * max(2 * LANE + KERB / 2, 2 * LANE + 0.2 + w / 2)
+            lat = sgn * kerb_centre(w)
             if name == "barrier":  # long side along the kerb
                 w_, l_ = w, l
                 centre = pos + w_ / 2
@@ -221,7 +232,7 @@ class Populator:
                          self.rng.uniform(-np.pi, np.pi), None)
                 pos += l + 1.5
             else:
-                lat = sgn * max(2 * LANE + KERB / 2, 2 * LANE + 0.2 + w / 2)
+                lat = sgn * kerb_centre(w)
                 self.add(item, (w, l, h), _local(axis, road, pos + l / 2, lat), np.zeros(2), yaw, "vehicle.parked")
                 pos += l + 0.8
         # A worker standing on the walkway beside the zone.
@@ -234,7 +245,7 @@ class Populator:
     def walkway(self, axis: int, road: int, sgn: float, a_min: float, a_max: float) -> None:
         """Walkers on three strips, standing/sitting people and parked bicycles on the outer strip."""
         yaw0 = _heading(axis, 1)
-        for off in (0.7, 1.5, 2.3):
+        for off in (0.6, 1.4, 2.2):
             d = 1 if self.rng.random() < 0.5 else -1
             speed = float(self.rng.uniform(1.0, 1.6))
             pos = a_min + self.rng.uniform(0, 12)
@@ -278,7 +289,7 @@ class Populator:
                     name = self.choice(("car", "truck", "bus", "motorcycle", "bicycle"), (0.6, 0.15, 0.1, 0.08, 0.07))
                     w, l, h = self.size(name)
                     centre = r.road * SPACING + arm * (dist + l / 2)
-                    self.add(name, (w, l, h), _local(axis, node, centre, sgn * (k + 0.5) * LANE), np.zeros(2),
+                    self.add(name, (w, l, h), _local(axis, node, centre, sgn * lane_centre(k)), np.zeros(2),
                              _heading(axis, d), self.vehicle_attribute(name, 0.0, parked=False))
                     dist += l + self.rng.uniform(1.5, 3.5)
             # Parked vehicles further out on the kerb.
