@@ -136,6 +136,17 @@ def _block_c(c: int) -> int:
     return min(triton.next_power_of_2(max(c, 1)), 128)
 
 
+# Points (rows) per program of the backward kernels: GPU value, interpreter value.
+BWD_BLOCK_P = (32, 16)
+LIFT_BWD_DEPTH_BLOCK_P = (32, 16)
+LIFT_BWD_FEATS_BLOCK_Q = (16, 8)
+BWD_NUM_WARPS = 4
+
+
+def _pick(pair) -> int:
+    return pair[1] if _interpreting() else pair[0]
+
+
 def _fwd_meta(c: int, dtype: torch.dtype) -> dict:
     """Untuned defaults (no GPU was available to tune them): 4 points per step, 1 warp per
     128-channel row; fp16/bf16 take 8 points per step to keep the same bytes in flight."""
@@ -170,9 +181,9 @@ def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     if n == 0 or c == 0:
         return out
     bc = _block_c(c)
-    bp = 16 if _interpreting() else 32
+    bp = _pick(BWD_BLOCK_P)
     _pool_bwd_kernel[(triton.cdiv(n, bp), triton.cdiv(c, bc))](grad_cells, plan.point_cells, out, n, c,
-                                                              BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+                                                              BLOCK_P=bp, BLOCK_C=bc, num_warps=BWD_NUM_WARPS)
     return out
 
 
@@ -204,18 +215,18 @@ def lift_backward(grad_cells: torch.Tensor, depth: torch.Tensor, feats: torch.Te
         grad_depth = torch.empty_like(depth)
         n = depth.numel()
         if n and c:
-            bp = 16 if _interpreting() else 64
+            bp = _pick(LIFT_BWD_DEPTH_BLOCK_P)
             _lift_bwd_depth_kernel[(triton.cdiv(n, bp),)](grad_cells, feats, plan.point_cells, grad_depth, n, c,
                                                           d_bins * p, p, BLOCK_P=bp, BLOCK_C=bc, IS_F64=f64,
-                                                          num_warps=4)
+                                                          num_warps=BWD_NUM_WARPS)
         elif n:
             grad_depth.zero_()
     if need_feats:
         grad_feats = torch.empty_like(feats)
         npix = bn * p
         if npix and c:
-            bq = 8 if _interpreting() else 16
+            bq = _pick(LIFT_BWD_FEATS_BLOCK_Q)
             _lift_bwd_feats_kernel[(triton.cdiv(npix, bq), triton.cdiv(c, bc))](
                 grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p,
-                BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=4)
+                BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=BWD_NUM_WARPS)
     return grad_depth, grad_feats
