@@ -1,8 +1,9 @@
 """The epoch-based training loop: schedules, AMP, gradient clipping, DDP, logging, checkpoints, resume.
 
 The model contract: in train mode `model(batch)` returns a dict of named scalars; the total loss is the
-sum of every value whose key contains "loss" (a tensor is averaged, a list of tensors is summed after
-averaging each, as mmdet's `_parse_losses`); the other values are logged as statistics.
+sum of every value whose key contains "loss" and does not start with "stats" (a tensor is averaged, a list
+of tensors is summed after averaging each, as mmdet's `_parse_losses`); the other values are logged as
+statistics.
 
 Exact resume: the sampler order depends only on (seed, epoch), the schedules only on (epoch, iter),
 and a checkpoint holds the optimizer, scaler and every RNG state, so a run resumed from any
@@ -17,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -37,7 +39,11 @@ EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
 
 
 def parse_losses(outputs: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and detached per-key scalars of a model's training output."""
+    """Total loss and detached per-key scalars of a model's training output.
+
+    The total is the sum of the values whose key contains "loss", except statistics under `stats...`
+    (BEVFusion reports e.g. `loss/object/heatmap` as a loss and `stats/object/matched_ious` as a statistic).
+    """
     if not isinstance(outputs, Mapping):
         raise TypeError(f"in train mode the model must return a dict of losses, got {type(outputs).__name__}")
     log_vars: dict[str, torch.Tensor] = {}
@@ -48,7 +54,7 @@ def parse_losses(outputs: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, to
             log_vars[key] = sum(v.float().mean() for v in value)
         else:
             raise TypeError(f"model output {key!r} is a {type(value).__name__}, expected a tensor or list of tensors")
-    losses = [v for k, v in log_vars.items() if "loss" in k]
+    losses = [v for k, v in log_vars.items() if "loss" in k and not k.startswith("stats")]
     if not losses:
         raise ValueError(f"the model returned no key containing 'loss' (keys: {sorted(outputs)})")
     total = sum(losses)
@@ -297,7 +303,8 @@ class Trainer:
         if rng is not None and skip > 0:
             ckpt_io.set_rng_state(rng)  # a mid-epoch snapshot was taken after that draw
         self.model.train()
-        show = self.dist.is_main and not os.environ.get("BEVFUSION_NO_PROGRESS")
+        # the bar only on an interactive terminal: in a redirected log the lines (with ETA) say it all
+        show = self.dist.is_main and not os.environ.get("BEVFUSION_NO_PROGRESS") and sys.stderr.isatty()
         bar = progress(batches, total=self.iters_per_epoch, initial=skip, disable=not show,
                        desc=f"epoch {self.epoch + 1}/{self.max_epochs}", leave=False)
         acc: dict[str, list[torch.Tensor]] = defaultdict(list)

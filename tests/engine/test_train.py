@@ -210,10 +210,18 @@ def test_ddp_gloo_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_on_cpu_and_fp16_scaler(tmp_path):
-    cfg = toy.write_config(tmp_path / "toy.yaml", max_epochs=1)
+def test_bf16_on_cpu_fp16_scaler_and_optional_tensorboard(tmp_path):
+    cfg = toy.write_config(tmp_path / "toy.yaml", max_epochs=1,
+                           log_config__hooks=[{"type": "TextLoggerHook"}, {"type": "TensorboardLoggerHook"}])
     assert run_inproc(cfg, tmp_path / "work", "--amp", "bf16", evaluate=None) == 0
-    assert "amp bf16" in (tmp_path / "work" / "train.log").read_text()
+    text = (tmp_path / "work" / "train.log").read_text()
+    assert "amp bf16" in text
+    try:
+        from torch.utils import tensorboard  # noqa: F401
+    except ImportError:
+        assert text.count("tensorboard is not installed") == 1
+    else:
+        assert any((tmp_path / "work" / "tf_logs").iterdir())
     scaler = make_scaler({"fp16": {"loss_scale": {"growth_interval": 2000}}}, torch.float16, torch.device("cpu"))
     assert scaler.get_growth_interval() == 2000
     assert make_scaler({"fp16": None}, None, torch.device("cpu")) is None
@@ -222,8 +230,9 @@ def test_bf16_on_cpu_and_fp16_scaler(tmp_path):
 
 def test_parse_losses_and_skip_sampler():
     total, logs = parse_losses({"loss_a": torch.tensor([1.0, 3.0]), "loss_b": [torch.tensor(1.0), torch.tensor([2.0])],
-                                "acc": torch.tensor(0.5)})
+                                "acc": torch.tensor(0.5), "stats/object/loss_unweighted": torch.tensor(7.0)})
     assert total.item() == 5.0 and logs["loss"].item() == 5.0 and logs["acc"].item() == 0.5
+    assert logs["stats/object/loss_unweighted"].item() == 7.0
     with pytest.raises(ValueError, match="no key containing 'loss'"):
         parse_losses({"acc": torch.tensor(1.0)})
     with pytest.raises(TypeError, match="'loss_x' is a str"):
