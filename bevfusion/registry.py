@@ -107,10 +107,22 @@ REGISTRY = Registry("bevfusion", {
     # models
     "BEVFusion": "bevfusion.models.bevfusion:BEVFusion",
     # camera encoder
+    "GeneralizedLSSFPN": "bevfusion.models.camera.necks:GeneralizedLSSFPN",
     "LSSTransform": "bevfusion.models.camera.vtransforms:LSSTransform",
     "DepthLSSTransform": "bevfusion.models.camera.vtransforms:DepthLSSTransform",
     # LiDAR encoder
+    "Voxelization": "bevfusion.ops.voxelize:Voxelization",
     "SparseEncoder": "bevfusion.models.lidar.sparse_encoder:SparseEncoder",
+    # fuser
+    "ConvFuser": "bevfusion.models.fusers:ConvFuser",
+    # decoder
+    "SECOND": "bevfusion.models.decoder.second:SECOND",
+    "SECONDFPN": "bevfusion.models.decoder.secondfpn:SECONDFPN",
+    "GeneralizedResNet": "bevfusion.models.decoder.resnet:GeneralizedResNet",
+    "LSSFPN": "bevfusion.models.decoder.resnet:LSSFPN",
+    # heads
+    "TransFusionHead": "bevfusion.models.heads.transfusion:TransFusionHead",
+    "BEVSegmentationHead": "bevfusion.models.heads.segm:BEVSegmentationHead",
 })
 
 
