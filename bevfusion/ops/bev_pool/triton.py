@@ -138,7 +138,7 @@ def _block_c(c: int) -> int:
 
 # Points (rows) per program of the backward kernels: GPU value, interpreter value.
 BWD_BLOCK_P = (32, 16)
-LIFT_BWD_DEPTH_BLOCK_P = (32, 16)
+LIFT_BWD_DEPTH_BLOCK_P = (16, 16)  # 32 needed 160 registers per thread (ptxas -v, sm_90a)
 LIFT_BWD_FEATS_BLOCK_Q = (16, 8)
 BWD_NUM_WARPS = 4
 
