@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None, *, model_builder: ModelBuilder | Non
     dist_info = init_distributed(args.device)
     root = logging.getLogger("bevfusion")
     handlers = set(root.handlers)
+    if not dist_info.is_main:
+        get_logger("train")
+        root.setLevel(logging.WARNING)  # one copy of the info lines (rank 0's); warnings from every rank
     try:
         return _train(args, cfg, dist_info, model_builder, dataset_builder, evaluate_fn)
     except (ckpt_io.CheckpointError, OptimizerConfigError, ScheduleError, TrainConfigError) as exc:

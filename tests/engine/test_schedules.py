@@ -182,3 +182,44 @@ def test_frozen_parameters_are_excluded():
 def test_optimizer_errors_name_the_key(cfg, message):
     with pytest.raises(OptimizerConfigError, match=message):
         build_optimizer(Net(), cfg)
+
+
+OFFICIAL = {
+    "det/transfusion/secfpn/camera+lidar/swint_v0p075/convfuser.yaml": "cosine",
+    "det/transfusion/secfpn/lidar/voxelnet_0p075.yaml": "cyclic",
+    "det/centerhead/lssfpn/camera/256x704/swint/default.yaml": "cyclic5",
+    "seg/fusion-bev256d2-lss.yaml": "cyclic",
+    "seg/camera-bev256d2.yaml": "cyclic",
+    "seg/lidar-centerpoint-bev128.yaml": "cyclic",
+}
+
+
+@pytest.mark.parametrize("leaf", sorted(OFFICIAL))
+def test_official_configs_build(leaf):
+    """Every official training section builds, with the lr the facts sheet gives at 40 % and at the end."""
+    from pathlib import Path
+
+    from bevfusion.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "nuscenes" / leaf)
+    epochs, per_epoch = cfg.runner.max_epochs, 100
+    sched = build_schedules(cfg, epochs, per_epoch)
+    base = cfg.optimizer.lr
+    total = epochs * per_epoch
+    peak_it, last = int(0.4 * total), total - 1
+    if OFFICIAL[leaf] == "cosine":
+        assert epochs == 6 and base == 2e-4
+        assert sched.lr_at(base, 0, 0) == pytest.approx(base / 3, rel=1e-6)
+        assert sched.lr_at(base, 5, last) == pytest.approx(2e-7 + 0.5 * (base - 2e-7) * (1 + math.cos(math.pi * 5 / 6)))
+    else:
+        up = 5.0 if OFFICIAL[leaf] == "cyclic5" else 10.0
+        end = 5.0 / 1e5 if OFFICIAL[leaf] == "cyclic5" else 1e-4
+        assert sched.lr_at(base, peak_it // per_epoch, peak_it) == pytest.approx(up * base)
+        assert sched.lr_at(base, epochs - 1, last) == pytest.approx(
+            base * end + (up * base - base * end) * (1 + math.cos(math.pi * (last - peak_it) / (total - peak_it))) / 2)
+    assert sched.momentum_at(0.9, 0, peak_it) == pytest.approx(0.9 * 0.85 / 0.95)
+    assert cfg.optimizer_config.grad_clip == {"max_norm": 35, "norm_type": 2}
+    settings = _settings(build_optimizer(Net(), cfg.optimizer))
+    assert settings["head.weight"] == pytest.approx((base, 0.01))
+    if "paramwise_cfg" in cfg.optimizer:
+        assert settings["absolute_pos_embed"] == pytest.approx((base, 0.0))

@@ -273,3 +273,11 @@ def test_help_documents_every_option(capsys):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--help"], env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout
+
+
+def test_missing_model_package_is_a_clear_error(monkeypatch):
+    from bevfusion.engine import launch
+
+    monkeypatch.setitem(sys.modules, "bevfusion.models", None)  # makes the import fail
+    with pytest.raises(SystemExit, match="bevfusion.models.build_model is not available"):
+        launch._lazy_build_model()
