@@ -220,8 +220,14 @@ class Populator:
         sgn = lateral_sign(self.world, axis, d)
         yaw = _heading(axis, d)
         lat_kerb = sgn * (2 * LANE + KERB / 2)
-        start = pos = self.clear_of_nodes(start, 26.0)
-        for item in ("traffic_cone", "barrier", "barrier", "construction_vehicle", "barrier", "traffic_cone"):
+        pos = self.clear_of_nodes(start, 27.0)
+        for item in ("traffic_cone", "barrier", "barrier", "worker", "construction_vehicle", "barrier", "traffic_cone"):
+            if item == "worker":  # standing in the closed lane, next to the machine
+                w, l, h = self.size("pedestrian")
+                self.add("pedestrian", (w, l, h), _local(axis, road, pos + 0.9, lat_kerb), np.zeros(2),
+                         self.rng.uniform(-np.pi, np.pi), "pedestrian.standing", "human.pedestrian.construction_worker")
+                pos += 1.8
+                continue
             w, l, h = self.size(item)
             if item == "barrier":
                 self.add(item, (w, l, h), _local(axis, road, pos + w / 2, lat_kerb), np.zeros(2), yaw + np.pi / 2,
@@ -232,14 +238,9 @@ class Populator:
                          self.rng.uniform(-np.pi, np.pi), None)
                 pos += l + 1.5
             else:
-                lat = sgn * kerb_centre(w)
-                self.add(item, (w, l, h), _local(axis, road, pos + l / 2, lat), np.zeros(2), yaw, "vehicle.parked")
+                self.add(item, (w, l, h), _local(axis, road, pos + l / 2, sgn * kerb_centre(w)), np.zeros(2), yaw,
+                         "vehicle.parked")
                 pos += l + 0.8
-        # A worker standing on the walkway beside the zone.
-        w, l, h = self.size("pedestrian")
-        self.add("pedestrian", (w, l, h), _local(axis, road, (start + pos) / 2, sgn * (HALF_ROAD + 3.3)),
-                 np.zeros(2), self.rng.uniform(-np.pi, np.pi), "pedestrian.standing",
-                 "human.pedestrian.construction_worker")
         return pos
 
     def walkway(self, axis: int, road: int, sgn: float, a_min: float, a_max: float) -> None:
