@@ -17,6 +17,7 @@ its final permute; our (B, C, D, H, W) result is a view of it). Rows:
   ours, no plan     bev_pool(feats, coords, B, grid): mask + rank + sort + reduction, per frame
   ours, plan only   bev_pool_plan(coords, B, grid)
   index_add cached  ranks precomputed (dropped points -> a dummy row), zero fill + index_add_
+  scatter_add_      the same with scatter_add_ over an expanded (stride-0) index
   index_add         per frame: rank, mask, feats[kept], zero fill, index_add_
   LSS cumsum        per frame: rank, mask, argsort, gather, cumsum(0) over the outer dimension,
                     boundary diff, scatter (as LSS's QuickCumsum forward; on CUDA this torch scan
@@ -108,6 +109,11 @@ def index_add_cached(feats, cells_dummy, g):
     return out.index_add_(0, cells_dummy, feats)[:g]
 
 
+def scatter_add_cached(feats, cells_dummy, g):
+    out = feats.new_zeros(g + 1, feats.shape[1])
+    return out.scatter_add_(0, cells_dummy[:, None].expand(-1, feats.shape[1]), feats)[:g]
+
+
 def lss_cumsum(feats, coords, batch_size, grid):
     """LSS's cumsum trick (QuickCumsum forward) in plain torch, writing the (G, C) cell table."""
     keep, cells = cells_of(coords, batch_size, grid)
@@ -192,6 +198,7 @@ def main(argv=None):
         add("ours, no plan (plan + reduce)", lambda: bev_pool(feats, coords, b, grid), check=cells_view)
         add("ours, plan only", lambda: (bev_pool_plan(coords, b, grid), None)[1])
         add("index_add, cached ranks", lambda: index_add_cached(feats, cells_dummy, g), repeat=slow_rep)
+        add("scatter_add_, cached ranks", lambda: scatter_add_cached(feats, cells_dummy, g), repeat=slow_rep)
         add("index_add, per frame", lambda: index_add_per_frame(feats, coords, b, grid), repeat=slow_rep)
         if not args.skip_lss:
             add("LSS cumsum trick, per frame", lambda: lss_cumsum(feats, coords, b, grid), repeat=slow_rep)
