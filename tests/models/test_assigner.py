@@ -140,7 +140,8 @@ class TestHungarianAssigner:
         hand = 0.15 * cls + 0.25 * l1 / 100 - 0.25 * iou_hand
         np.testing.assert_allclose(cost.numpy(), hand, rtol=1e-9)
         # brute force over all injective maps GT → prediction
-        best = min(((i, j) for i in range(3) for j in range(3) if i != j), key=lambda ij: hand[ij[0], 0] + hand[ij[1], 1])
+        pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+        best = min(pairs, key=lambda ij: hand[ij[0], 0] + hand[ij[1], 1])
         res = assigner.assign(preds, gts, labels, logits, TRAIN_CFG)
         assert res.gt_inds[best[0]].item() == 1 and res.gt_inds[best[1]].item() == 2
         assert best == (1, 0)  # worked out in the docstring

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bevfusion.config import load_config
-from bevfusion.models.heads.centerpoint import CenterHead, CenterPointBBoxCoder, rotated_nms
-from bevfusion.models.heads.transfusion_utils import gaussian_radius, internal_to_official_torch
+from bevfusion.models.heads.centerpoint import CenterHead, CenterPointBBoxCoder
+from bevfusion.models.heads.transfusion_utils import gaussian_radius, internal_to_official_torch, rotated_nms
 from bevfusion.registry import check_kwargs
 
 CAMERA_CFG = "configs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default.yaml"

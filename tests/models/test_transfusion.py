@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bevfusion.config import load_config
-from bevfusion.models.heads.transfusion import TransFusionHead, circle_nms, local_max_suppression, select_queries
-from bevfusion.models.heads.transfusion_utils import (TransFusionBBoxCoder, draw_heatmap_gaussian, gaussian_2d,
-                                                      gaussian_radius, internal_to_official_torch,
+from bevfusion.models.heads.transfusion import TransFusionHead, local_max_suppression, select_queries
+from bevfusion.models.heads.transfusion_utils import (TransFusionBBoxCoder, circle_nms, draw_heatmap_gaussian,
+                                                      gaussian_2d, gaussian_radius, internal_to_official_torch,
                                                       official_to_internal_torch)
 from bevfusion.registry import check_kwargs
 
@@ -301,6 +301,19 @@ def test_training_reduces_loss_and_eval_decodes():
         assert mine.any()
         best = pred_boxes[mine][scores[mine].argmax()]
         assert torch.dist(best[:2], b[:2]).item() < 3.2
+
+
+@pytest.mark.parametrize("nms_type", ["circle", "rotate"])
+def test_optional_class_nms(nms_type):
+    """nms_type set: classes 0-7 untouched, pedestrians and cones de-duplicated separately (radius 0.175)."""
+    head = TransFusionHead(**{**SMALL, "test_cfg": {**SMALL["test_cfg"], "nms_type": nms_type}})
+    # official layout: two overlapping cars, two overlapping pedestrians, a cone on the same spot
+    boxes = torch.tensor([[0.0, 0.0, 0.0, 1.9, 4.5, 1.6, 0.0], [0.1, 0.0, 0.0, 1.9, 4.5, 1.6, 0.0],
+                          [5.0, 5.0, 0.0, 0.7, 0.7, 1.8, 0.0], [5.1, 5.0, 0.0, 0.7, 0.7, 1.8, 0.0],
+                          [5.0, 5.0, 0.0, 0.4, 0.4, 1.0, 0.0]])
+    scores = torch.tensor([0.9, 0.8, 0.5, 0.7, 0.3])
+    labels = torch.tensor([0, 0, 8, 8, 9])
+    assert head._class_nms(boxes, scores, labels, nms_type).tolist() == [0, 1, 3, 4]
 
 
 def test_loss_with_empty_gt_and_batch_of_two():

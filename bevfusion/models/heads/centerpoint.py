@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from bevfusion.models.heads.losses import build_loss
-from bevfusion.models.heads.transfusion import ConvBNReLU, circle_nms
-from bevfusion.models.heads.transfusion_utils import (draw_heatmap_gaussian, gaussian_radius,
+from bevfusion.models.heads.transfusion import ConvBNReLU
+from bevfusion.models.heads.transfusion_utils import (circle_nms, draw_heatmap_gaussian, gaussian_radius,
                                                       internal_to_official_torch, official_to_internal_torch,
-                                                      rotated_bev_overlap)
+                                                      rotated_nms)
 
-__all__ = ["CenterHead", "SeparateHead", "CenterPointBBoxCoder", "rotated_nms"]
+__all__ = ["CenterHead", "SeparateHead", "CenterPointBBoxCoder"]
 
 
 class SeparateHead(nn.Module):
@@ -142,36 +142,6 @@ class CenterPointBBoxCoder:
                 for i in range(boxes.shape[0])]
 
 
-def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_max_size: int | None = None,
-                post_max_size: int | None = None) -> torch.Tensor:
-    """Greedy NMS on rotated BEV boxes (old mmdet3d `nms_gpu` semantics).
-
-    Args:
-        boxes: (N, 7+) internal boxes (only x, y, dx, dy, yaw are used). scores: (N,).
-        thresh: a box is suppressed when its BEV IoU with a kept, higher-scoring box is > thresh.
-    Returns:
-        (K,) long indices into `boxes`, highest score first.
-    """
-    order = torch.sort(scores, descending=True, stable=True)[1]
-    if pre_max_size is not None:
-        order = order[:pre_max_size]
-    if len(order) == 0:
-        return order
-    b = boxes[order].double()
-    overlap = rotated_bev_overlap(b, b)
-    area = (b[:, 3] * b[:, 4]).clamp(min=0)
-    iou = (overlap / (area[:, None] + area[None] - overlap).clamp(min=1e-8)).cpu().numpy()
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed[i + 1:] |= iou[i, i + 1:] > thresh
-    out = order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
-    return out[:post_max_size] if post_max_size is not None else out
-
-
 def _cfg_get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
@@ -241,7 +211,8 @@ class CenterHead(nn.Module):
             self.task_heads.append(SeparateHead(share_conv_channel, heads, **{**sep, "num_cls": num_cls}))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor], metas: Any = None) -> list[dict[str, torch.Tensor]]:
+    def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor],
+                metas: Any = None) -> list[dict[str, torch.Tensor]]:
         """BEV features (B, C, X, Y) → one dict per task of (B, k, X, Y) maps (reg, height, dim, rot, vel,
         heatmap logits)."""
         if not isinstance(inputs, torch.Tensor):
@@ -347,6 +318,7 @@ class CenterHead(nn.Module):
             scales = [[float(scales)] * n for n in self.num_classes]
         per_task = []
         for t, pred in enumerate(preds):
+            pred = {k: v.float() for k, v in pred.items()}
             heat = pred["heatmap"].sigmoid()
             dim = pred["dim"].exp() if self.norm_bbox else pred["dim"]
             decoded = self.bbox_coder.decode(heat, pred["rot"][:, 0:1], pred["rot"][:, 1:2], pred["height"], dim,

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bevfusion.models.heads.losses import build_loss
-from bevfusion.models.heads.transfusion_utils import (HungarianAssigner3D, TransFusionBBoxCoder, draw_heatmap_gaussian,
-                                                      gaussian_radius, internal_to_official_torch,
-                                                      official_to_internal_torch)
+from bevfusion.models.heads.transfusion_utils import (HungarianAssigner3D, TransFusionBBoxCoder, circle_nms,
+                                                      draw_heatmap_gaussian, gaussian_radius,
+                                                      internal_to_official_torch, official_to_internal_torch,
+                                                      rotated_nms)
 
 __all__ = ["TransFusionHead", "TransformerDecoderLayer", "PositionEmbeddingLearned", "FFN", "ConvBNReLU",
            "local_max_suppression", "select_queries"]
@@ -360,10 +361,10 @@ class TransFusionHead(nn.Module):
         """Targets of one sample. gt_boxes (M, 9 or 7) official layout; preds hold one sample (batch dim 1)."""
         P = preds["center"].shape[-1]
         device = preds["center"].device
-        score = preds["heatmap"].detach()
-        boxes = self.bbox_coder.decode(score, preds["rot"].detach(), preds["dim"].detach(),
-                                       preds["center"].detach(), preds["height"].detach(),
-                                       preds["vel"].detach() if "vel" in preds else None)[0]["bboxes"]
+        preds = {k: v.detach().float() for k, v in preds.items()}  # fp32 targets under autocast, as upstream
+        score = preds["heatmap"]
+        boxes = self.bbox_coder.decode(score, preds["rot"], preds["dim"], preds["center"], preds["height"],
+                                       preds.get("vel"))[0]["bboxes"]
         gt_boxes = gt_boxes.to(device=device, dtype=boxes.dtype)
         gt_labels = gt_labels.to(device=device, dtype=torch.long)
 
@@ -489,9 +490,10 @@ class TransFusionHead(nn.Module):
 
         score = sigmoid(class logit) × query_heatmap_score × one_hot(query label), so only the query's
         proposal class can win; boxes with centres outside post_center_range are dropped; no NMS unless
-        test_cfg.nms_type is set (then circle NMS on pedestrians and cones, radius 0.175, as upstream).
+        test_cfg.nms_type is set (then NMS on pedestrians and cones only, radius 0.175, as upstream).
         """
         n = self.num_proposals
+        preds = {k: (v.float() if v.is_floating_point() else v) for k, v in preds.items()}
         score = preds["heatmap"][..., -n:].sigmoid()
         one_hot = F.one_hot(preds["query_labels"], num_classes=self.num_classes).permute(0, 2, 1)
         score = score * preds["query_heatmap_score"] * one_hot
@@ -512,13 +514,17 @@ class TransFusionHead(nn.Module):
 
     def _class_nms(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, nms_type: str
                    ) -> torch.Tensor:
-        """Upstream's optional post-NMS: classes 0-7 untouched, circle NMS (radius 0.175, on squared
-        distance) separately for pedestrian (8) and traffic_cone (9)."""
-        if nms_type != "circle":
-            raise NotImplementedError(f"TransFusionHead: nms_type {nms_type!r} (only null or circle)")
+        """Upstream's optional post-NMS, by class group: nuScenes classes 0-7 untouched, pedestrian (8) and
+        traffic_cone (9) each with radius 0.175 — circle NMS on squared centre distance, or ("rotate" or any
+        other value) rotated BEV NMS with that IoU threshold and test_cfg pre_maxsize / post_maxsize."""
         keep = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-        groups = [(list(range(8)), -1.0), ([8], 0.175), ([9], 0.175)] \
-            if _cfg_get(self.test_cfg, "dataset", "nuScenes") == "nuScenes" else [(list(range(self.num_classes)), -1.0)]
+        dataset = _cfg_get(self.test_cfg, "dataset", "nuScenes")
+        if dataset == "nuScenes":
+            groups = [(list(range(8)), -1.0), ([8], 0.175), ([9], 0.175)]
+        elif dataset == "Waymo":
+            groups = [([0], 0.7), ([1], 0.7), ([2], 0.7)]
+        else:
+            groups = [(list(range(self.num_classes)), -1.0)]
         for classes, radius in groups:
             mask = torch.zeros_like(keep)
             for c in classes:
@@ -527,26 +533,14 @@ class TransFusionHead(nn.Module):
             if radius <= 0:
                 keep[idx] = True
                 continue
-            kept = circle_nms(boxes[idx, :2].cpu().numpy(), scores[idx].cpu().numpy(), radius)
-            keep[idx[torch.as_tensor(kept, dtype=torch.long, device=boxes.device)]] = True
+            if nms_type == "circle":
+                kept = torch.as_tensor(circle_nms(boxes[idx, :2].cpu().numpy(), scores[idx].cpu().numpy(), radius),
+                                       dtype=torch.long, device=boxes.device)
+            else:
+                kept = rotated_nms(official_to_internal_torch(boxes[idx, :7]), scores[idx], radius,
+                                   _cfg_get(self.test_cfg, "pre_maxsize"), _cfg_get(self.test_cfg, "post_maxsize"))
+            keep[idx[kept]] = True
         return torch.nonzero(keep, as_tuple=False).flatten()
-
-
-def circle_nms(centres: np.ndarray, scores: np.ndarray, thresh: float, post_max_size: int = 83) -> list[int]:
-    """Greedy NMS by centre distance (CenterPoint): suppress j when squared distance to a kept i ≤ thresh.
-
-    Returns kept indices, highest score first, at most post_max_size.
-    """
-    order = np.argsort(-scores, kind="stable")
-    suppressed = np.zeros(len(scores), dtype=bool)
-    keep: list[int] = []
-    for a, i in enumerate(order):
-        if suppressed[i]:
-            continue
-        keep.append(int(i))
-        d = ((centres[order[a + 1:]] - centres[i]) ** 2).sum(-1)
-        suppressed[order[a + 1:][d <= thresh]] = True
-    return keep[:post_max_size]
 
 
 def _build_coder(cfg: Any) -> TransFusionBBoxCoder:

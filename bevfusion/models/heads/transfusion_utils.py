@@ -34,6 +34,8 @@ __all__ = [
     "gaussian_radius",
     "gaussian_2d",
     "draw_heatmap_gaussian",
+    "circle_nms",
+    "rotated_nms",
 ]
 
 
@@ -421,3 +423,51 @@ def draw_heatmap_gaussian(heatmap: torch.Tensor, center: Sequence[int], radius: 
     if min(g.shape) > 0 and min(masked.shape) > 0:
         torch.max(masked, g * k, out=masked)
     return heatmap
+
+
+# ---------------------------------------------------------------------------------------------- NMS
+def circle_nms(centres: np.ndarray, scores: np.ndarray, thresh: float, post_max_size: int = 83) -> list[int]:
+    """Greedy NMS by centre distance (CenterPoint): suppress j when squared distance to a kept i ≤ thresh.
+
+    Returns kept indices, highest score first, at most post_max_size.
+    """
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(scores), dtype=bool)
+    keep: list[int] = []
+    for a, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        d = ((centres[order[a + 1:]] - centres[i]) ** 2).sum(-1)
+        suppressed[order[a + 1:][d <= thresh]] = True
+    return keep[:post_max_size]
+
+
+def rotated_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_max_size: int | None = None,
+                post_max_size: int | None = None) -> torch.Tensor:
+    """Greedy NMS on rotated BEV boxes (old mmdet3d `nms_gpu` semantics).
+
+    Args:
+        boxes: (N, 7+) internal boxes (only x, y, dx, dy, yaw are used). scores: (N,).
+        thresh: a box is suppressed when its BEV IoU with a kept, higher-scoring box is > thresh.
+    Returns:
+        (K,) long indices into `boxes`, highest score first.
+    """
+    order = torch.sort(scores, descending=True, stable=True)[1]
+    if pre_max_size is not None:
+        order = order[:pre_max_size]
+    if len(order) == 0:
+        return order
+    b = boxes[order].double()
+    overlap = rotated_bev_overlap(b, b)
+    area = (b[:, 3] * b[:, 4]).clamp(min=0)
+    iou = (overlap / (area[:, None] + area[None] - overlap).clamp(min=1e-8)).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed[i + 1:] |= iou[i, i + 1:] > thresh
+    out = order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
+    return out[:post_max_size] if post_max_size is not None else out
