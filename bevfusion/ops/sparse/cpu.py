@@ -65,27 +65,76 @@ def _im2col_plan(kmap: KernelMap, rows: int):
     return plan
 
 
+class _SerialTorch:
+    """Run block loops on our own threads, each with torch's intra-op parallelism off.
+
+    Parallelising each small per-block op with OpenMP puts a barrier after every op; on a loaded machine
+    a descheduled OpenMP thread stalls every one of them (measured: 20x slower than one thread). Whole
+    blocks per thread need no barrier. Restores the caller's thread count on exit.
+    """
+
+    _pools: dict = {}
+
+    def __init__(self, nblocks: int):
+        self.saved = torch.get_num_threads()
+        self.threads = max(1, min(self.saved, nblocks // 4))
+
+    def __enter__(self):
+        if self.threads > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.threads > 1:
+            torch.set_num_threads(self.saved)
+
+    def map(self, fn, n: int):
+        """fn(lo, hi) over `threads` contiguous chunks of range(n), in order; returns their results."""
+        if self.threads <= 1:
+            return [fn(0, n)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = self._pools.get(self.threads)
+        if pool is None:
+            pool = self._pools[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="bevfusion-sparse")
+        bounds = [n * t // self.threads for t in range(self.threads + 1)]
+
+        def run(lo, hi):
+            with torch.no_grad():  # grad mode is thread-local; these loops never record autograd
+                return fn(lo, hi)
+
+        futs = [pool.submit(run, bounds[t], bounds[t + 1]) for t in range(self.threads)]
+        return [f.result() for f in futs]
+
+
 def im2col_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
     """Output-stationary blocked im2col over the sorted map: per block, gather (rows, |A|*Cin) for the
-    block's active offsets A and run one GEMM with weight[A]."""
+    block's active offsets A and run one GEMM with weight[A]. Blocks are split over torch's thread
+    count (see `_SerialTorch`); every block writes its own rows, so this is race-free."""
     K, cin, cout = weight.shape
     out_sorted = feats.new_empty(kmap.n_out, cout)
     if kmap.n_out == 0:
         return out_sorted
     order, blocks = _im2col_plan(kmap, _block_rows(K, cin))
     fpad = torch.cat([feats, feats.new_zeros(1, cin)])
-    wflat = weight.reshape(K * cin, cout) if weight.is_contiguous() else None
-    wsub: dict = {}
-    for s, e, act, act_t, idx in blocks:
-        if idx is None:
-            out_sorted[s:e].zero_()
-            continue
-        w = wsub.get(act)
-        if w is None:
-            w = wflat if (len(act) == K and wflat is not None) else weight.index_select(0, act_t).reshape(-1, cout)
-            wsub[act] = w
-        cols = fpad.index_select(0, idx).view(e - s, -1)
-        torch.mm(cols, w, out=out_sorted[s:e])
+    weight = weight.contiguous()
+    wflat = weight.view(K * cin, cout)
+
+    def work(lo, hi):
+        wsub: dict = {}
+        for s, e, act, act_t, idx in blocks[lo:hi]:
+            if idx is None:
+                out_sorted[s:e].zero_()
+                continue
+            w = wsub.get(act)
+            if w is None:
+                w = wflat if len(act) == K else weight.index_select(0, act_t).view(-1, cout)
+                wsub[act] = w
+            cols = fpad.index_select(0, idx).view(e - s, -1)
+            torch.mm(cols, w, out=out_sorted[s:e])
+
+    with _SerialTorch(len(blocks)) as par:
+        par.map(work, len(blocks))
     out = torch.empty_like(out_sorted)
     out.index_copy_(0, order, out_sorted)
     return out
@@ -108,7 +157,8 @@ def wgrad_gather(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -
 
 
 def wgrad_im2col(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Same as `wgrad_gather`, accumulated over the sorted im2col blocks."""
+    """Same as `wgrad_gather`, accumulated over the sorted im2col blocks (per-thread partial sums,
+    added in a fixed order)."""
     K, cin, cout = kmap.kernel_volume, feats.shape[1], grad_out.shape[1]
     dw = feats.new_zeros(K, cin, cout)
     if kmap.n_out == 0:
@@ -116,18 +166,26 @@ def wgrad_im2col(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -
     order, blocks = _im2col_plan(kmap, _block_rows(K, cin))
     fpad = torch.cat([feats, feats.new_zeros(1, cin)])
     gs = grad_out.index_select(0, order)
-    acc: dict = {}
-    for s, e, act, act_t, idx in blocks:
-        if idx is None:
-            continue
-        cols = fpad.index_select(0, idx).view(e - s, -1)
-        a = acc.get(act)
-        if a is None:
-            acc[act] = (act_t, torch.mm(cols.t(), gs[s:e]))
-        else:
-            a[1].addmm_(cols.t(), gs[s:e])
-    for act_t, a in acc.values():
-        dw.index_add_(0, act_t, a.view(-1, cin, cout))
+
+    def work(lo, hi):
+        acc: dict = {}
+        for s, e, act, act_t, idx in blocks[lo:hi]:
+            if idx is None:
+                continue
+            cols = fpad.index_select(0, idx).view(e - s, -1)
+            a = acc.get(act)
+            if a is None:
+                acc[act] = (act_t, torch.mm(cols.t(), gs[s:e]))
+            else:
+                a[1].addmm_(cols.t(), gs[s:e])
+        part = feats.new_zeros(K, cin, cout)
+        for act_t, a in acc.values():
+            part.index_add_(0, act_t, a.view(-1, cin, cout))
+        return part
+
+    with _SerialTorch(len(blocks)) as par:
+        for part in par.map(work, len(blocks)):
+            dw += part
     return dw
 
 
