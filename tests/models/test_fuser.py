@@ -1,11 +1,21 @@
 """ConvFuser: official keys (an nn.Sequential, `fuser.0`/`fuser.1`), shapes and numerics."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bevfusion.models.fusers import ConvFuser
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_convfuser_keys_shapes_count():

@@ -9,6 +9,15 @@ import torch
 
 from bevfusion.models.heads.segm import BEVGridTransform, BEVSegmentationHead, sigmoid_focal_loss
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 MAP_CLASSES = ["drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area", "divider"]
 GRID = {"input_scope": [[-51.2, 51.2, 0.8], [-51.2, 51.2, 0.8]], "output_scope": [[-50, 50, 0.5], [-50, 50, 0.5]]}
 
@@ -107,6 +116,6 @@ def test_training_losses_per_class(loss):
         p = torch.sigmoid(logits[:, k])
         ce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
         ref = (ce * (1 - (p * t + (1 - p) * (1 - t))) ** 2).mean() if loss == "focal" else ce.mean()
-        assert float(losses[name + "/" + loss].detach()) == pytest.approx(float(ref), rel=1e-4)
+        assert float(losses[name + "/" + loss].detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
     sum(losses.values()).backward()
     assert head.classifier[0].weight.grad is not None

@@ -1,0 +1,1 @@
+"""Camera backbones: SwinTransformer (mmdet 2.20 layout) and ResNet (mmdet layout)."""
