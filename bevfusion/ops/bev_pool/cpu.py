@@ -29,7 +29,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-_POOL = None
+_POOL = None  # (size, executor), created on first use
 _POOL_LOCK = threading.Lock()
 
 
@@ -44,9 +44,9 @@ def _run_chunks(kernel, bounds: np.ndarray, *args) -> None:
             kernel(lo, hi, *args)
         return
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bev_pool")
-        pool = _POOL
+        if _POOL is None or _POOL[0] < threads:
+            _POOL = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bev_pool"))
+        pool = _POOL[1]
     list(pool.map(lambda r: kernel(r[0], r[1], *args), ranges))
 
 
