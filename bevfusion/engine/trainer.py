@@ -347,9 +347,17 @@ class Trainer:
 
     def _log_window(self, acc: Mapping[str, list[torch.Tensor]], n: int, data_time: float, iter_time: float,
                     batch: int) -> None:
-        keys = list(acc)
-        means = torch.stack([torch.stack(acc[k]).float().mean() for k in keys])
-        means = all_reduce_mean(means).tolist()  # the same numbers on every rank
+        # Ranks may report different keys (a statistic only some batches have): agree on the union, then
+        # average each key over the ranks that have it (sum and count both averaged: the ratio is the mean).
+        keys: list[str] = []
+        for rank_keys in all_gather_object(list(acc)):
+            keys.extend(k for k in rank_keys if k not in keys)
+        device = next(iter(acc.values()))[0].device
+        zero = torch.zeros((), device=device)
+        sums = torch.stack([torch.stack(acc[k]).float().mean() if k in acc else zero for k in keys])
+        counts = torch.tensor([1.0 if k in acc else 0.0 for k in keys], device=device)
+        total = all_reduce_mean(torch.stack([sums.double(), counts.double()]))
+        means = (total[0] / total[1]).tolist()  # the same numbers on every rank
         if not self.dist.is_main:
             return
         values = dict(zip(keys, means))

@@ -61,8 +61,11 @@ class ToyModel(nn.Module):
         self.forwards += 1
         if os.environ.get("TOY_KILL_AT") and self.forwards == int(os.environ["TOY_KILL_AT"]):
             os.kill(os.getpid(), signal.SIGKILL)
-        return {"loss_mse": F.mse_loss(out, batch["y"]), "loss_l1": [0.1 * (out - batch["y"]).abs().mean()],
-                "stat_mean": out.mean()}
+        outputs = {"loss_mse": F.mse_loss(out, batch["y"]), "loss_l1": [0.1 * (out - batch["y"]).abs().mean()],
+                   "stat_mean": out.mean()}
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            outputs["stats/rank1_only"] = torch.tensor(5.0)  # ranks may report different keys
+        return outputs
 
 
 def build_model(cfg) -> ToyModel:

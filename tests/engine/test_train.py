@@ -204,6 +204,7 @@ def test_ddp_gloo_two_processes_match_one_process(tmp_path):
         for k in ("loss", "loss_mse", "loss_l1", "grad_norm"):
             assert ddp[it][k] == pytest.approx(single[it][k], rel=1e-5, abs=1e-7), (it, k)
         assert ddp[it]["lr"] == single[it]["lr"]
+        assert ddp[it]["stats/rank1_only"] == 5.0 and "stats/rank1_only" not in single[it]
     a, b = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
     assert a["meta"]["world_size"] == 2 and len(a["rng"]) == 2
     for key in b["state_dict"]:
