@@ -330,3 +330,76 @@ def test_loss_with_empty_gt_and_batch_of_two():
     with torch.no_grad():
         out = head.get_bboxes(head(feat2))
     assert len(out) == 2 and all(o[0].shape[1] == 9 for o in out)
+
+
+def test_decoder_layer_vs_manual_attention():
+    """Packed (q, k, v) in_proj rows, positional embedding on the query, the key *and* the value, post-norm."""
+    from bevfusion.models.heads.transfusion import PositionEmbeddingLearned, TransformerDecoderLayer
+
+    torch.manual_seed(0)
+    C, H, Pq, Pk = 16, 4, 5, 7
+    layer = TransformerDecoderLayer(C, H, 32, 0.1, "relu", self_posembed=PositionEmbeddingLearned(2, C),
+                                    cross_posembed=PositionEmbeddingLearned(2, C)).double().eval()
+    for p in layer.parameters():  # non-trivial biases and norms
+        torch.nn.init.normal_(p, std=0.3)
+    query, key = torch.randn(2, C, Pq, dtype=torch.float64), torch.randn(2, C, Pk, dtype=torch.float64)
+    qpos, kpos = torch.rand(2, Pq, 2, dtype=torch.float64) * 9, torch.rand(2, Pk, 2, dtype=torch.float64) * 9
+    out = layer(query, key, qpos, kpos)
+
+    def attn(mha, q, k, v):  # (B, P, C) each
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        Q, K, V = q @ wq.T + bq, k @ wk.T + bk, v @ wv.T + bv
+        d = C // H
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], H, d).transpose(1, 2)  # noqa: E731
+        w = torch.softmax(split(Q) @ split(K).transpose(-1, -2) / math.sqrt(d), dim=-1)
+        o = (w @ split(V)).transpose(1, 2).reshape(q.shape[0], q.shape[1], C)
+        return o @ mha.out_proj.weight.T + mha.out_proj.bias
+
+    qe = layer.self_posembed(qpos).transpose(1, 2)  # (B, Pq, C)
+    ke = layer.cross_posembed(kpos).transpose(1, 2)
+    x = query.transpose(1, 2)
+    kv = key.transpose(1, 2) + ke
+    x = layer.norm1(x + attn(layer.self_attn, x + qe, x + qe, x + qe))
+    x = layer.norm2(x + attn(layer.multihead_attn, x + qe, kv, kv))
+    x = layer.norm3(x + layer.linear2(torch.relu(layer.linear1(x))))
+    torch.testing.assert_close(out, x.transpose(1, 2), rtol=1e-10, atol=1e-10)
+
+
+def test_loss_values_by_hand():
+    """Three queries, two GTs: q0 and q2 decode exactly onto the GTs and carry their class, q1 is far away.
+
+    Expected: q0 → A, q2 → B; bbox loss 0; classification loss = focal over 3 × 10 logits with targets
+    (A's class, background, B's class) / 2 positives; heatmap loss = Gaussian focal vs the drawn targets.
+    """
+    head = TransFusionHead(**{**SMALL, "num_proposals": 3})
+    gt = torch.tensor([[10.0, -20.0, -1.0, 4.5, 1.9, 1.6, 0.4, 2.0, 0.0],
+                       [-15.0, 8.0, -0.8, 0.7, 0.7, 1.8, 0.0, 0.0, 0.5]])
+    labels = torch.tensor([0, 8])
+    t = head.bbox_coder.encode(internal_to_official_torch(gt.double())).float()  # (2, 10)
+    far = t[0].clone()
+    far[0:2] = torch.tensor([2.0, 2.0])  # about 45 m away from both
+    codes = torch.stack([t[0], far, t[1]]).T[None]  # (1, 10, 3)
+    logits = torch.full((1, 10, 3), -3.0)
+    logits[0, 0, 0], logits[0, 8, 2], logits[0, 5, 1] = 2.0, 1.5, 0.5
+    dense = torch.randn(1, 10, 32, 32, generator=torch.Generator().manual_seed(0))
+    preds = {"center": codes[:, 0:2], "height": codes[:, 2:3], "dim": codes[:, 3:6], "rot": codes[:, 6:8],
+             "vel": codes[:, 8:10], "heatmap": logits, "dense_heatmap": dense}
+    losses = head.loss([gt], [labels], preds)
+    assert losses["layer_-1_loss_bbox"].item() == pytest.approx(0.0, abs=1e-5)
+    assert losses["matched_ious"].item() == pytest.approx(1.0, abs=1e-4)
+    target = np.array([0, 10, 8])
+    expected_cls = 0.0
+    for q in range(3):
+        for c in range(10):
+            x, y = float(logits[0, c, q]), 1.0 if target[q] == c else 0.0
+            p = 1 / (1 + math.exp(-x))
+            bce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+            expected_cls += bce * (0.25 if y else 0.75) * ((1 - p) if y else p) ** 2
+    assert losses["layer_-1_loss_cls"].item() == pytest.approx(expected_cls / 2, rel=1e-5)
+    heat_t = head.heatmap_target(internal_to_official_torch(gt), labels, torch.device("cpu")).double()
+    p = dense.double().sigmoid().clamp(1e-4, 1 - 1e-4)[0]
+    pos = (heat_t == 1).double()
+    hm = (-(p + 1e-12).log() * (1 - p) ** 2 * pos - (1 - p + 1e-12).log() * p ** 2 * (1 - heat_t) ** 4).sum()
+    assert pos.sum().item() == 2
+    assert losses["loss_heatmap"].item() == pytest.approx(hm.item() / 2, rel=1e-5)
