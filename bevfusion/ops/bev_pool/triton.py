@@ -15,6 +15,7 @@ path is used. Off-GPU it runs under TRITON_INTERPRET=1 (tests only).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -156,6 +157,11 @@ def _fwd_meta(c: int, dtype: torch.dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------- launchers
+def _on(t: torch.Tensor):
+    """Launch on the tensor's GPU, not on whichever device is current (multi-GPU processes)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _is_f64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
@@ -169,8 +175,9 @@ def pool_forward(feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     bc = _block_c(c)
     meta = _fwd_meta(c, feats.dtype)
     grid = (plan.num_cells, triton.cdiv(c, bc))
-    _pool_fwd_kernel[grid](feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c, BLOCK_C=bc,
-                           IS_F64=_is_f64(feats), **meta)
+    with _on(feats):
+        _pool_fwd_kernel[grid](feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c, BLOCK_C=bc,
+                               IS_F64=_is_f64(feats), **meta)
     return out
 
 
@@ -182,8 +189,9 @@ def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
         return out
     bc = _block_c(c)
     bp = _pick(BWD_BLOCK_P)
-    _pool_bwd_kernel[(triton.cdiv(n, bp), triton.cdiv(c, bc))](grad_cells, plan.point_cells, out, n, c,
-                                                              BLOCK_P=bp, BLOCK_C=bc, num_warps=BWD_NUM_WARPS)
+    with _on(grad_cells):
+        _pool_bwd_kernel[(triton.cdiv(n, bp), triton.cdiv(c, bc))](grad_cells, plan.point_cells, out, n, c,
+                                                                  BLOCK_P=bp, BLOCK_C=bc, num_warps=BWD_NUM_WARPS)
     return out
 
 
@@ -197,8 +205,9 @@ def lift_forward(depth: torch.Tensor, feats: torch.Tensor, plan: BevPoolPlan) ->
     bc = _block_c(c)
     meta = _fwd_meta(c, feats.dtype)
     grid = (plan.num_cells, triton.cdiv(c, bc))
-    _lift_fwd_kernel[grid](depth, feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c,
-                           d_bins * fh * fw, fh * fw, BLOCK_C=bc, IS_F64=_is_f64(feats), **meta)
+    with _on(feats):
+        _lift_fwd_kernel[grid](depth, feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c,
+                               d_bins * fh * fw, fh * fw, BLOCK_C=bc, IS_F64=_is_f64(feats), **meta)
     return out
 
 
@@ -211,22 +220,23 @@ def lift_backward(grad_cells: torch.Tensor, depth: torch.Tensor, feats: torch.Te
     bc = _block_c(c)
     f64 = _is_f64(feats)
     grad_depth = grad_feats = None
-    if need_depth:
-        grad_depth = torch.empty_like(depth)
-        n = depth.numel()
-        if n and c:
-            bp = _pick(LIFT_BWD_DEPTH_BLOCK_P)
-            _lift_bwd_depth_kernel[(triton.cdiv(n, bp),)](grad_cells, feats, plan.point_cells, grad_depth, n, c,
-                                                          d_bins * p, p, BLOCK_P=bp, BLOCK_C=bc, IS_F64=f64,
-                                                          num_warps=BWD_NUM_WARPS)
-        elif n:
-            grad_depth.zero_()
-    if need_feats:
-        grad_feats = torch.empty_like(feats)
-        npix = bn * p
-        if npix and c:
-            bq = _pick(LIFT_BWD_FEATS_BLOCK_Q)
-            _lift_bwd_feats_kernel[(triton.cdiv(npix, bq), triton.cdiv(c, bc))](
-                grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p,
-                BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=BWD_NUM_WARPS)
+    with _on(feats):
+        if need_depth:
+            grad_depth = torch.empty_like(depth)
+            n = depth.numel()
+            if n and c:
+                bp = _pick(LIFT_BWD_DEPTH_BLOCK_P)
+                _lift_bwd_depth_kernel[(triton.cdiv(n, bp),)](grad_cells, feats, plan.point_cells, grad_depth, n, c,
+                                                              d_bins * p, p, BLOCK_P=bp, BLOCK_C=bc, IS_F64=f64,
+                                                              num_warps=BWD_NUM_WARPS)
+            elif n:
+                grad_depth.zero_()
+        if need_feats:
+            grad_feats = torch.empty_like(feats)
+            npix = bn * p
+            if npix and c:
+                bq = _pick(LIFT_BWD_FEATS_BLOCK_Q)
+                _lift_bwd_feats_kernel[(triton.cdiv(npix, bq), triton.cdiv(c, bc))](
+                    grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p,
+                    BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=BWD_NUM_WARPS)
     return grad_depth, grad_feats
