@@ -164,6 +164,9 @@ class CenterHead(nn.Module):
         loss_cls, loss_bbox: {type: GaussianFocalLoss | L1Loss, ...}.
         separate_head: {type: SeparateHead, init_bias, final_kernel}. share_conv_channel: 64.
         norm_bbox: sizes regressed as logs.
+        num_heatmap_convs: convs of each heatmap branch (2).
+        conv_cfg, norm_cfg, bias, init_cfg: accepted so official configs load, and ignored (Conv2d + BN2d
+            + ReLU modules as upstream builds them by default).
     """
 
     def __init__(self, in_channels: int | Sequence[int] = 128, tasks: Sequence[Any] | None = None,

@@ -208,8 +208,8 @@ class TransFusionHead(nn.Module):
             pos_weight, code_weights, assigner {type: HungarianAssigner3D, ...}.
         test_cfg: dataset ("nuScenes" skips proposal NMS on classes 8 and 9), grid_size, out_size_factor,
             nms_type (None or "circle"), pc_range, voxel_size.
-        common_heads keys and the rest mirror the official head; `bias`, `conv_cfg`, `norm_cfg`,
-        `initialize_last_layer` are accepted and must keep their official values.
+        conv_cfg, norm_cfg, bias, initialize_last_layer: accepted so official configs load, and ignored:
+            the official choices (Conv1d/BN1d FFN, conv biases as listed in facts §2.4) are built in.
     """
 
     def __init__(self, num_proposals: int = 128, auxiliary: bool = True, in_channels: int = 128 * 3,
