@@ -168,8 +168,10 @@ class TestPlan:
         assert sorted(plan.launch_cells.tolist()) == list(range(plan.num_cells))
         assert torch.all(lengths[1:] <= lengths[:-1])
 
-    def test_torch_sort_path_matches_counting_sort(self, monkeypatch):
-        _, coords, b, grid = make_case("random", torch.Generator().manual_seed(9))
+    @pytest.mark.parametrize("case", CASES)
+    def test_torch_sort_path_matches_counting_sort(self, monkeypatch, case):
+        # The torch path is what CUDA coords take.
+        _, coords, b, grid = make_case(case, torch.Generator().manual_seed(9))
         fast = bev_pool_plan(coords, b, grid)
         monkeypatch.setattr(bp.plan, "_numba_available", lambda: False)
         slow = bev_pool_plan(coords, b, grid)
