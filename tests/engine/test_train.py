@@ -282,3 +282,27 @@ def test_missing_model_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bevfusion.models", None)  # makes the import fail
     with pytest.raises(SystemExit, match="bevfusion.models.build_model is not available"):
         launch._lazy_build_model()
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2)])
+def test_epoch_loader_skips_exactly_the_done_batches(tmp_path, world_size, workers):
+    from bevfusion.datasets.loader import build_dataloader
+    from bevfusion.engine.dist import DistInfo
+    from bevfusion.engine.schedules import build_schedules
+    from bevfusion.engine.trainer import Trainer
+
+    rank = world_size - 1
+    loader = build_dataloader(toy.ToyData(n=26), samples_per_gpu=3, workers_per_gpu=workers, shuffle=True, seed=5,
+                              rank=rank, world_size=world_size)
+    model = toy.ToyModel()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                      build_schedules({}, 2, len(loader)), 2, tmp_path, {}, DistInfo(rank, world_size), seed=5,
+                      tensorboard=False)
+
+    def indices(epoch, skip):
+        return [[m["index"] for m in b["metas"]] for b in trainer._epoch_loader(epoch, skip)]
+
+    full = indices(1, 0)
+    assert indices(1, 2) == full[2:] and len(full) == len(loader)
+    assert indices(0, 0) != full and indices(1, 0) == full  # seeded by epoch, repeatable
+    assert all(m["epoch"] == 1 for b in trainer._epoch_loader(1, 4) for m in b["metas"])  # dataset.set_epoch
