@@ -146,7 +146,9 @@ def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
         cells = point_cells(coords, batch_size, grid)
         kept = (cells >= 0).nonzero().squeeze(1)
         kept_cells = cells[kept]
-        perm = torch.sort(kept_cells, stable=True).indices
+        # 32-bit keys halve the radix-sort passes whenever the cell ids fit.
+        keys = kept_cells.to(torch.int32) if g < 2**31 else kept_cells
+        perm = torch.sort(keys, stable=True).indices
         order = kept[perm]
         counts = torch.bincount(kept_cells, minlength=g)
         cell_ptr = torch.zeros(g + 1, dtype=torch.int64, device=device)
