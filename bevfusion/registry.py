@@ -122,6 +122,7 @@ REGISTRY = Registry("bevfusion", {
     "LSSFPN": "bevfusion.models.decoder.resnet:LSSFPN",
     # heads
     "TransFusionHead": "bevfusion.models.heads.transfusion:TransFusionHead",
+    "CenterHead": "bevfusion.models.heads.centerpoint:CenterHead",
     "BEVSegmentationHead": "bevfusion.models.heads.segm:BEVSegmentationHead",
 })
 
