@@ -357,6 +357,13 @@ def test_deterministic_for_a_seed(tmp_path):
     assert a != c
 
 
+def test_workers_do_not_change_the_output(tmp_path):
+    two = dict(TINY, num_scenes=2)
+    serial = _tree(generate(tmp_path / "serial", seed=0, **two))
+    parallel = _tree(generate(tmp_path / "parallel", seed=0, **{**two, "workers": 2}))
+    assert serial == parallel
+
+
 @pytest.mark.parametrize("kwargs", [dict(num_scenes=-1), dict(num_scenes=0), dict(samples_per_scene=-2),
                                     dict(samples_per_scene=1), dict(image_size=(0, 10)), dict(workers=0)])
 def test_bad_arguments(tmp_path, kwargs):

@@ -232,7 +232,42 @@ class _Writer:
         train, val = split_scene_names(cfg.num_scenes)
         names = sorted(train + val)
         (self.root / "maps" / "expansion").mkdir(parents=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # The 0.1 m/px basemaps are written by a thread (PIL encodes without the GIL) while scenes run.
+        basemaps = {w.name: f"maps/{_token('basemap', self.cfg.seed, w.name)}.png" for w in worlds}
+        painter = ThreadPoolExecutor(1)
+        pending = [painter.submit(lambda w=w: w.basemap().save(self.root / basemaps[w.name], optimize=False,
+                                                                   compress_level=1)) for w in worlds]
+        try:
+            self._scenes(worlds, names, speeds, n)
+        except BaseException:
+            painter.shutdown(wait=True, cancel_futures=True)  # never leave a writer behind on error
+            raise
+        for job in pending:
+            job.result()
+        painter.shutdown()
         map_logs: dict[str, list[str]] = {w.name: [] for w in worlds}
+        for w, log_token in self.scene_logs:
+            map_logs[w].append(log_token)
+        for w in worlds:
+            (self.root / "maps" / "expansion" / f"{w.name}.json").write_text(
+                json.dumps(w.expansion_json(), separators=(",", ":")))
+            self.tables["map"].append({"token": self.tok("map", w.name), "log_tokens": map_logs[w.name],
+                                       "category": "semantic_prior", "filename": basemaps[w.name]})
+        table_dir = self.root / self.version
+        table_dir.mkdir()
+        for name, rows in self.tables.items():
+            (table_dir / f"{name}.json").write_text(json.dumps(rows))
+        config = {k: v for k, v in asdict(cfg).items() if k != "scene_names"}
+        (self.root / "README.txt").write_text(README.format(version=self.version, config=json.dumps(config)))
+        (self.root / "synthetic.json").write_text(json.dumps({"generator": "bevfusion.data.synthetic",
+                                                              "version": self.version, "config": config,
+                                                              "train_scenes": train, "val_scenes": val}, indent=1))
+
+    def _scenes(self, worlds: list[MapWorld], names: list[str], speeds: np.ndarray, n: int) -> None:
+        cfg = self.cfg
+        self.scene_logs: list[tuple[str, str]] = []
         frames_per_scene = SWEEPS_PER_SAMPLE * cfg.samples_per_scene
         jobs = [(cfg, str(self.root), i, name, i % len(worlds), float(speeds[i]), n) for i, name in enumerate(names)]
         workers = max(1, min(self.workers, len(jobs)))
@@ -241,7 +276,7 @@ class _Writer:
                            unit="sweep")
             for job in jobs:
                 tables, log_token = _scene_job(job, bar)
-                self._merge(tables, map_logs, worlds[job[4]].name, log_token)
+                self._merge(tables, worlds[job[4]].name, log_token)
             for _ in bar:  # close the bar
                 pass
         else:
@@ -252,29 +287,12 @@ class _Writer:
                 for job, (tables, log_token) in progress(zip(jobs, results), total=len(jobs),
                                                          desc=f"synthetic drive ({workers} workers)",
                                                          disable=self.disable, unit="scene"):
-                    self._merge(tables, map_logs, worlds[job[4]].name, log_token)
-        for w in worlds:
-            with open(self.root / "maps" / "expansion" / f"{w.name}.json", "w") as f:
-                json.dump(w.expansion_json(), f, separators=(",", ":"))
-            png = f"maps/{_token('basemap', self.cfg.seed, w.name)}.png"
-            w.basemap().save(self.root / png, optimize=False, compress_level=1)
-            self.tables["map"].append({"token": self.tok("map", w.name), "log_tokens": map_logs[w.name],
-                                       "category": "semantic_prior", "filename": png})
-        table_dir = self.root / self.version
-        table_dir.mkdir()
-        for name, rows in self.tables.items():
-            with open(table_dir / f"{name}.json", "w") as f:
-                json.dump(rows, f, indent=0)
-        config = {k: v for k, v in asdict(cfg).items() if k != "scene_names"}
-        (self.root / "README.txt").write_text(README.format(version=self.version, config=json.dumps(config)))
-        (self.root / "synthetic.json").write_text(json.dumps({"generator": "bevfusion.data.synthetic",
-                                                              "version": self.version, "config": config,
-                                                              "train_scenes": train, "val_scenes": val}, indent=1))
+                    self._merge(tables, worlds[job[4]].name, log_token)
 
-    def _merge(self, tables: dict, map_logs: dict, map_name: str, log_token: str) -> None:
+    def _merge(self, tables: dict, map_name: str, log_token: str) -> None:
         for k, rows in tables.items():
             self.tables[k].extend(rows)
-        map_logs[map_name].append(log_token)
+        self.scene_logs.append((map_name, log_token))
 
     # ---- one scene ---------------------------------------------------------------------------------
     def _route(self, world: MapWorld, speed: float, rng: np.random.Generator, duration: float) -> Route:

@@ -125,7 +125,7 @@ def _ray_box(ox, oy, oz, dx, dy, dz, box):
     return t0, face, lo_[0] + t0 * ld[0], lo_[1] + t0 * ld[1], lo_[2] + t0 * ld[2]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def lidar_cast(origin, yaw0, elevations, azimuth_steps, boxes, box_intensity, gp, ground_intensity, max_range,
                min_range, range_noise):
     """Cast the rays of a spinning LiDAR at `origin` (global) whose azimuth 0 points at global yaw `yaw0`.
@@ -254,7 +254,7 @@ def _shade_box(cls, face, lx, ly, lz, box, base, shade, wx, wy, wz):
     return min(255.0, r * f), min(255.0, g * f), min(255.0, b * f)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def render_camera(kk, k_inv, cam_r, cam_t, width, height, boxes, box_cls, box_color, box_shade, gp, ground_colors,
                   near, far):
     """Render one camera. cam_r/cam_t map camera coordinates to global; boxes (N, 7) global.

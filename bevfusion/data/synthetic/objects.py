@@ -74,7 +74,8 @@ def agent_boxes(agents: list[Agent], world: MapWorld, t: float) -> np.ndarray:
     out[:, 3] = sz[:, 1]
     out[:, 4] = sz[:, 0]
     out[:, 5] = sz[:, 2]
-    out[:, 6] = [world.to_global_yaw(a.yaw) for a in agents]
+    yaw = np.array([a.yaw for a in agents]) + world.angle
+    out[:, 6] = np.arctan2(np.sin(yaw), np.cos(yaw))
     return out
 
 
