@@ -194,7 +194,8 @@ def naive_nms(boxes, scores, thr, pre_max=None, post_max=None):
 
 
 def naive_circle_nms(xy, scores, thr, post_max=None):
-    """mmdet3d's circle_nms, with the squared distance in float32 like its numpy float32 dets."""
+    """mmdet3d's circle_nms: squared distance in float32 (its dets are float32), compared with the
+    threshold in float64 (numba promotes the comparison)."""
     xy = xy.float().numpy()
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     suppressed = set()
@@ -204,7 +205,8 @@ def naive_circle_nms(xy, scores, thr, post_max=None):
             continue
         keep.append(i)
         for j in order[n + 1:]:
-            if (xy[i, 0] - xy[j, 0]) ** 2 + (xy[i, 1] - xy[j, 1]) ** 2 <= np.float32(thr):
+            dx, dy = xy[i, 0] - xy[j, 0], xy[i, 1] - xy[j, 1]
+            if float(dx * dx + dy * dy) <= thr:
                 suppressed.add(j)
     return keep[:post_max]
 

@@ -206,11 +206,15 @@ def circle_nms(centers: torch.Tensor, scores: torch.Tensor, dist_threshold: floa
         return torch.zeros(0, dtype=torch.int64, device=centers.device)
     xy = centers.detach()[order, :2]
     xy = xy.double() if xy.dtype == torch.float64 else xy.float()
-    d = xy[:, None, :] - xy[None, :, :]  # (N, N, 2)
-    over = d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1] <= thr  # same float ops on every device
     from . import cpu
 
-    if _has_numba():
+    if impl == "cpu" and _has_numba():
+        pos = cpu.circle_nms_sorted(xy, thr, n_post)
+    elif _has_numba():
+        # the squared distance in xy's dtype, compared in float64 (as mmdet3d's numba circle_nms); the
+        # greedy pass over the (N, N) mask runs on the host
+        d = xy[:, None, :] - xy[None, :, :]  # (N, N, 2)
+        over = (d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]).double() <= thr
         pos = cpu.greedy_from_mask(over, n_post)
     else:
         return circle_nms_reference(centers, scores, thr, post_max)

@@ -133,6 +133,27 @@ def _kernels():
         return nk
 
     @numba.njit(nogil=True, cache=False)
+    def circle_sorted(xy, thr, post_max, keep):
+        """xy sorted by decreasing score; squared distance in xy's dtype, compared with thr in float64."""
+        n = xy.shape[0]
+        suppressed = np.zeros(n, dtype=np.bool_)
+        nk = 0
+        for i in range(n):
+            if suppressed[i]:
+                continue
+            keep[nk] = i
+            nk += 1
+            if nk >= post_max:
+                break
+            for j in range(i + 1, n):
+                if not suppressed[j]:
+                    dx = xy[i, 0] - xy[j, 0]
+                    dy = xy[i, 1] - xy[j, 1]
+                    if dx * dx + dy * dy <= thr:
+                        suppressed[j] = True
+        return nk
+
+    @numba.njit(nogil=True, cache=False)
     def points_in_boxes(pts, tab, out):
         """tab rows: (x, y, z, dx/2, dy/2, dz/2, cos, sin, reach^2)."""
         for i in range(pts.shape[0]):
@@ -146,7 +167,7 @@ def _kernels():
                 out[i, m] = abs(lx) <= tab[m, 3] and abs(ly) <= tab[m, 4]
 
     _K = dict(iou_matrix=iou_matrix, iou_aligned=iou_aligned, nms_sorted=nms_sorted,
-              greedy_from_mask=greedy_from_mask, points_in_boxes=points_in_boxes)
+              greedy_from_mask=greedy_from_mask, circle_sorted=circle_sorted, points_in_boxes=points_in_boxes)
     return _K
 
 
@@ -177,6 +198,14 @@ def greedy_from_mask(over: torch.Tensor, post_max: int) -> torch.Tensor:
     o = np.ascontiguousarray(over.cpu().numpy())
     keep = np.empty(o.shape[0], dtype=np.int64)
     n = _kernels()["greedy_from_mask"](o, int(post_max), keep)
+    return torch.from_numpy(keep[:n].copy())
+
+
+def circle_nms_sorted(xy_sorted: torch.Tensor, dist_threshold: float, post_max: int) -> torch.Tensor:
+    """Greedy circle NMS over centres sorted by score (float32, or float64); positions in that order."""
+    xy = np.ascontiguousarray(xy_sorted.detach().cpu().numpy())
+    keep = np.empty(len(xy), dtype=np.int64)
+    n = _kernels()["circle_sorted"](xy, float(dist_threshold), int(post_max), keep)
     return torch.from_numpy(keep[:n].copy())
 
 

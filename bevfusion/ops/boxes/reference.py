@@ -113,9 +113,12 @@ def nms_bev_reference(boxes, scores, iou_threshold: float, pre_max=None, post_ma
 
 def circle_nms_reference(centers, scores, dist_threshold: float, post_max=None) -> torch.Tensor:
     order = descending_order(scores).tolist()
-    xy = centers.detach()[:, :2].tolist()
+    xy = centers.detach()[:, :2]
+    xy = xy.double() if xy.dtype == torch.float64 else xy.float()
     keep: list[int] = []
     for i in order:
-        if all((xy[k][0] - xy[i][0]) ** 2 + (xy[k][1] - xy[i][1]) ** 2 > dist_threshold for k in keep):
+        # squared distance in the centres' float32 (float64) arithmetic, compared with the threshold in float64
+        d2 = [float(((xy[k] - xy[i]) ** 2).sum()) for k in keep]
+        if all(d > dist_threshold for d in d2):
             keep.append(i)
     return torch.tensor(keep[:post_max], dtype=torch.int64, device=centers.device)
