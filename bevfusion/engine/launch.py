@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -224,7 +223,8 @@ def _train(args, cfg, dist_info: DistInfo, model_builder, dataset_builder, evalu
     model.to(dist_info.device)
     optimizer = build_optimizer(model, cfg["optimizer"])
     n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    log.info("model: %.2f M parameters, %.2f M trained", sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters, %.2f M trained", n_all / 1e6, n_train / 1e6)
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,

@@ -171,7 +171,8 @@ class Trainer:
             loader.dataset.set_epoch(epoch)
         if skip == 0:
             return loader
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=SkipSampler(sampler, skip * loader.batch_size),
+        return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                          sampler=SkipSampler(sampler, skip * loader.batch_size),
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                           drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                           generator=loader.generator)
@@ -285,8 +286,8 @@ class Trainer:
             metrics = dict(self.evaluate_fn(self.raw_model, self.epoch) or {})
         self.model.train()
         if self.dist.is_main and metrics:
-            self.log.info("Epoch(val) [%d] %s", self.epoch,
-                          ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
+            text = ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items())
+            self.log.info("Epoch(val) [%d] %s", self.epoch, text)
             self._write_json({"mode": "val", "epoch": self.epoch, "iter": self.iter, **metrics})
             if self._writer is not None:
                 for k, v in metrics.items():
