@@ -106,13 +106,11 @@ def test_relative_position_index_matches_mmdet_construction():
     assert torch.equal(relative_position_index((7, 7)), mmdet)
 
 
-def _naive_shift_window_attention(msa: ShiftWindowMSA, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+def _naive_window_attention(x, H, W, ws, shift, nH, qkv_w, qkv_b, proj_w, proj_b, table, scale):
     """Full attention over the padded, rolled map; a token pair is allowed only inside one window, gets
     the table bias of its (dh, dw), and −100 when the two pixels lie in different shift regions."""
-    ws, shift = msa.window_size, msa.shift_size
-    w = msa.w_msa
     B, L, C = x.shape
-    nH, d = w.num_heads, C // w.num_heads
+    d = C // nH
     Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
     grid = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
     grid[:, :H, :W] = x.view(B, H, W, C)
@@ -133,17 +131,23 @@ def _naive_shift_window_attention(msa: ShiftWindowMSA, x: torch.Tensor, H: int, 
             if hp // ws != hq // ws or wp // ws != wq // ws:
                 continue  # other window
             idx = ((hp % ws) - (hq % ws) + ws - 1) * (2 * ws - 1) + ((wp % ws) - (wq % ws) + ws - 1)
-            value = w.relative_position_bias_table[idx]
+            value = table[idx]
             if (region(hp, Hp), region(wp, Wp)) != (region(hq, Hp), region(wq, Wp)):
                 value = value - 100.0
             bias[:, p, q] = value
-    qkv = F.linear(tokens, w.qkv.weight, w.qkv.bias).view(B, N, 3, nH, d).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * w.scale, qkv[1], qkv[2]
+    qkv = F.linear(tokens, qkv_w, qkv_b).view(B, N, 3, nH, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * scale, qkv[1], qkv[2]
     att = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)
     out = (att @ v).transpose(1, 2).reshape(B, N, C)
-    out = F.linear(out, w.proj.weight, w.proj.bias).view(B, Hp, Wp, C)
+    out = F.linear(out, proj_w, proj_b).view(B, Hp, Wp, C)
     out = torch.roll(out, (shift, shift), (1, 2))
     return out[:, :H, :W].reshape(B, H * W, C)
+
+
+def _naive_shift_window_attention(msa: ShiftWindowMSA, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    w = msa.w_msa
+    return _naive_window_attention(x, H, W, msa.window_size, msa.shift_size, w.num_heads, w.qkv.weight, w.qkv.bias,
+                                   w.proj.weight, w.proj.bias, w.relative_position_bias_table, w.scale)
 
 
 @pytest.mark.parametrize("shift,H,W", [(0, 6, 6), (1, 6, 6), (1, 7, 8), (2, 10, 5)])
@@ -299,3 +303,62 @@ def test_frozen_stages_and_with_cp():
     x = torch.randn(1, 3, 24, 24)
     sum(o.sum() for o in m(x)).backward()
     assert m.stages[1].blocks[0].attn.w_msa.qkv.weight.grad is not None
+
+
+def _naive_original_swin(sd, x, depths, heads, ws, out_norms):
+    """Swin-repo forward written from its own layout: slice-concatenated PatchMerging (x0, x1, x2, x3 =
+    [0::2, 0::2], [1::2, 0::2], [0::2, 1::2], [1::2, 1::2]), `mlp.fc1/fc2`, `attn.*`, exact GELU."""
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    B, C, H, W = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = F.layer_norm(x, (C,), sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"])
+    outs = []
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            h = F.layer_norm(x, (C,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+            h = _naive_window_attention(h, H, W, ws, 0 if j % 2 == 0 else ws // 2, heads[i], sd[p + "attn.qkv.weight"],
+                                        sd[p + "attn.qkv.bias"], sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"],
+                                        sd[p + "attn.relative_position_bias_table"], (C // heads[i]) ** -0.5)
+            x = x + h
+            h = F.layer_norm(x, (C,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+            h = F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                         sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+            x = x + h
+        outs.append(F.layer_norm(x, (C,), *out_norms[i]).view(B, H, W, C).permute(0, 3, 1, 2))
+        if i < len(depths) - 1:
+            g = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))  # the Swin repo pads odd sizes too
+            H, W = g.shape[1], g.shape[2]
+            g = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], -1)
+            H, W = H // 2, W // 2
+            g = g.reshape(B, H * W, 4 * C)
+            g = F.layer_norm(g, (4 * C,), sd[f"layers.{i}.downsample.norm.weight"],
+                             sd[f"layers.{i}.downsample.norm.bias"])
+            x = F.linear(g, sd[f"layers.{i}.downsample.reduction.weight"])
+            C = 2 * C
+    return outs
+
+
+@torch.no_grad()
+def test_original_swin_file_gives_naive_swin_outputs(tmp_path):
+    """A Swin-repo checkpoint loaded through init_cfg reproduces a naive forward of the Swin-repo layout
+    (float64; maps that need padding and shifted windows at every stage)."""
+    torch.manual_seed(4)
+    cfg = dict(embed_dims=8, depths=[2, 2, 2], num_heads=[1, 2, 2], strides=(4, 2, 2), window_size=3,
+               drop_path_rate=0.0, out_indices=[0, 1, 2])
+    src = SwinTransformer(**cfg).double()
+    for prm in src.parameters():
+        prm.normal_(0, 0.5)
+    original = _to_original_layout(src.state_dict())
+    torch.save({"model": original}, tmp_path / "swin_repo.pth")
+    ours = SwinTransformer(**cfg, init_cfg={"type": "Pretrained", "checkpoint": str(tmp_path / "swin_repo.pth")})
+    ours = ours.double()
+    ours.init_weights()
+    ours.eval()
+    x = torch.randn(2, 3, 28, 44, dtype=torch.float64)  # tokens 7×11 → 4×6 (pad) → 2×3
+    norms = [(getattr(ours, f"norm{i}").weight, getattr(ours, f"norm{i}").bias) for i in range(3)]
+    ref = _naive_original_swin(original, x, cfg["depths"], cfg["num_heads"], 3, norms)
+    got = ours(x)
+    assert [tuple(g.shape) for g in got] == [(2, 8, 7, 11), (2, 16, 4, 6), (2, 32, 2, 3)]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
