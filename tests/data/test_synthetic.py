@@ -357,6 +357,15 @@ def test_deterministic_for_a_seed(tmp_path):
     assert a != c
 
 
+def test_more_than_ten_scenes_use_trainval(tmp_path):
+    root = generate(tmp_path / "big", seed=0, **{**TINY, "num_scenes": 11})
+    nusc = NuScenes("v1.0-trainval", str(root), verbose=False)
+    splits = create_splits_scenes()
+    names = {s["name"] for s in nusc.scene}
+    assert len(names) == 11 and names <= set(splits["train"]) | set(splits["val"])
+    assert names & set(splits["val"]) and names & set(splits["train"])
+
+
 def test_workers_do_not_change_the_output(tmp_path):
     two = dict(TINY, num_scenes=2)
     serial = _tree(generate(tmp_path / "serial", seed=0, **two))

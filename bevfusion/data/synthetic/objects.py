@@ -170,7 +170,7 @@ class Populator:
 
     # ---- traffic ---------------------------------------------------------------------------------
     def lane_flow(self, axis: int, road: int, d: int, k: int, speed: float, names, probs, density: float,
-                  a_min: float, a_max: float, keep_out: tuple[float, float] | None = None) -> None:
+                  a_min: float, a_max: float) -> None:
         """Vehicles in lane k travelling in d at `speed`, spaced along [a_min, a_max] at mid-scene."""
         sgn = lateral_sign(self.world, axis, d)
         lat = sgn * lane_centre(k)
@@ -181,8 +181,6 @@ class Populator:
             w, l, h = self.size(name)
             centre = pos + l / 2
             pos += l + self.rng.uniform(6.0, 30.0) / density
-            if keep_out is not None and keep_out[0] - l / 2 - 6 < centre < keep_out[1] + l / 2 + 6:
-                continue
             mid = centre - d * speed * self.T / 2  # position at t = 0 so that it is `centre` at T/2
             self.add(name, (w, l, h), _local(axis, road, mid, lat), _unit(axis, d) * speed, yaw,
                      self.vehicle_attribute(name, speed, parked=False))
