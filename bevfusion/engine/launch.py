@@ -43,8 +43,8 @@ DatasetBuilder = Callable[..., Any]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = config_parser(__doc__)
-    parser.add_argument("--work-dir", help="folder for checkpoints, logs and the resolved config "
-                        "(default: the config's work_dir, else work_dirs/<config name>)")
+    parser.add_argument("--work-dir", help="folder for checkpoints, logs and the resolved config (default: the "
+                        "config's work_dir, else work_dirs/<config path below configs/>)")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                         help="continue a run exactly from CKPT, or without a value from WORK_DIR/latest.pth "
                              "(a fresh start if there is none); the config must match the checkpoint's")
@@ -142,6 +142,15 @@ def _lazy_build_dataset() -> DatasetBuilder:
     return build_dataset
 
 
+def default_work_dir(config: str | Path) -> Path:
+    """work_dirs/<config path below configs/, without .yaml> (official leaves are often `default.yaml`)."""
+    path = Path(config).with_suffix("")
+    parts = path.parts
+    if "configs" in parts:
+        return Path("work_dirs", *parts[len(parts) - parts[::-1].index("configs"):])
+    return Path("work_dirs") / path.name
+
+
 def _max_epochs(cfg: Mapping[str, Any]) -> int:
     runner = cfg.get("runner") or {}
     value = runner.get("max_epochs", cfg.get("max_epochs"))
@@ -190,7 +199,7 @@ def main(argv: Sequence[str] | None = None, *, model_builder: ModelBuilder | Non
 def _train(args, cfg, dist_info: DistInfo, model_builder, dataset_builder, evaluate_fn) -> int:
     from bevfusion.datasets.loader import build_dataloader
 
-    work_dir = Path(args.work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(args.config).stem)
+    work_dir = Path(args.work_dir or cfg.get("work_dir") or default_work_dir(args.config))
     if dist_info.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, work_dir / "configs.yaml")

@@ -311,3 +311,11 @@ def test_epoch_loader_skips_exactly_the_done_batches(tmp_path, world_size, worke
     assert indices(1, 2) == full[2:] and len(full) == len(loader)
     assert indices(0, 0) != full and indices(1, 0) == full  # seeded by epoch, repeatable
     assert all(m["epoch"] == 1 for b in trainer._epoch_loader(1, 4) for m in b["metas"])  # dataset.set_epoch
+
+
+def test_default_work_dir_follows_the_config_tree():
+    from bevfusion.engine.launch import default_work_dir
+
+    leaf = "configs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default.yaml"
+    assert default_work_dir(leaf) == Path("work_dirs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default")
+    assert default_work_dir("/tmp/toy.yaml") == Path("work_dirs/toy")
