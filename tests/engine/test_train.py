@@ -319,3 +319,27 @@ def test_default_work_dir_follows_the_config_tree():
     leaf = "configs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default.yaml"
     assert default_work_dir(leaf) == Path("work_dirs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default")
     assert default_work_dir("/tmp/toy.yaml") == Path("work_dirs/toy")
+
+
+def test_default_evaluate_fn_runs_inference_and_the_configured_metrics(tmp_path, monkeypatch):
+    from bevfusion.engine.dist import DistInfo
+    from bevfusion.engine.launch import default_evaluate_fn
+    from bevfusion.evaluation import runner
+
+    calls = []
+
+    def fake_metrics(records, dataset, metrics, out_dir=None, **kwargs):
+        calls.append((len(records), list(metrics), out_dir))
+        if len(calls) == 2:
+            raise RuntimeError("devkit exploded")
+        return {"map/mean/iou@max": 0.5}
+
+    monkeypatch.setattr(runner, "evaluate_results", fake_metrics)
+    cfg = {"model": {"heads": {"object": None, "map": {"type": "X"}}},
+           "data": {"workers_per_gpu": 0, "val": {"type": "ToyData", "n": 5}}}
+    evaluate = default_evaluate_fn(cfg, DistInfo(), tmp_path, toy.build_dataset, None)
+    assert evaluate(toy.ToyModel(), 1) == {"map/mean/iou@max": 0.5}
+    assert calls == [(5, ["map"], tmp_path / "eval_epoch_1")]
+    assert evaluate(toy.ToyModel(), 2) == {}  # a failing metric is logged, training goes on
+    assert default_evaluate_fn({"model": {"heads": {}}, "data": {"val": {}}}, DistInfo(), tmp_path,
+                               toy.build_dataset, None) is None
