@@ -64,7 +64,8 @@ def test_sections_build_with_official_keys(config):
 
 
 def test_swin_drop_path_follows_config():
-    seg = _section(load_config(ROOT / "configs/nuscenes/seg/fusion-bev256d2-lss.yaml")["model"], "encoders.camera.backbone")
+    model = load_config(ROOT / "configs/nuscenes/seg/fusion-bev256d2-lss.yaml")["model"]
+    seg = _section(model, "encoders.camera.backbone")
     seg.pop("type")
     m = SwinTransformer(**seg)
     assert m.stages[3].blocks[1].attn.drop.drop_prob == pytest.approx(0.3)

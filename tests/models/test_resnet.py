@@ -40,7 +40,8 @@ def expected_r50() -> dict[str, tuple[int, ...]]:
             exp.update({k + "conv1.weight": (p, cin if j == 0 else 4 * p, 1, 1), **bn(k + "bn1", p),
                         k + "conv2.weight": (p, p, 3, 3), **bn(k + "bn2", p),
                         k + "conv3.weight": (4 * p, p, 1, 1), **bn(k + "bn3", 4 * p)})
-        exp.update({f"layer{i + 1}.0.downsample.0.weight": (4 * p, cin, 1, 1), **bn(f"layer{i + 1}.0.downsample.1", 4 * p)})
+        exp.update({f"layer{i + 1}.0.downsample.0.weight": (4 * p, cin, 1, 1),
+                    **bn(f"layer{i + 1}.0.downsample.1", 4 * p)})
         cin = 4 * p
     return exp
 
