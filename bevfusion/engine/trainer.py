@@ -142,6 +142,8 @@ class Trainer:
         # position: `epoch` in progress (0-based), iterations done in it, global iterations done
         self.epoch, self.inner_iter, self.iter = 0, 0, 0
         self._resume_rng: list[dict[str, Any]] | None = None
+        if self.dist.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log = get_logger("train", self.work_dir / "train.log" if self.dist.is_main else None)
         self._writer = self._tensorboard() if tensorboard and self.dist.is_main else None
 
