@@ -26,6 +26,7 @@ import collections
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, device_name, print_table, time_fn  # noqa: E402
+from common import Row, device_name, print_table  # noqa: E402
 
 from bevfusion.ops.sparse import SparseTensor, to_spconv2  # noqa: E402
 from bevfusion.ops.sparse import nn as snn  # noqa: E402
@@ -225,46 +226,69 @@ def _spconv():
 
 
 class Runner:
-    """Times contenders and prints one table per measurement, with speed-ups against spconv."""
+    """Times contenders round-robin (one call of each in turn, repeated), so that load from other
+    processes on a shared machine hits all of them alike, and prints one table per measurement."""
 
-    def __init__(self, device: str, quick: bool, threads: int):
+    def __init__(self, device: str, quick: bool):
         self.device = device
         self.quick = quick
-        self.threads = threads
         self.records: list[dict] = []
 
-    def time(self, fn, heavy: bool = False) -> float:
+    def compare(self, title: str, contenders: list[tuple[str, object, int]], heavy: bool = False) -> None:
+        """contenders: (label, fn, torch threads). Reports median wall and CPU time per call."""
         if self.device == "cuda":
-            return time_fn(fn, self.device, warmup=3, repeat=10 if self.quick else 30)
-        return time_fn(fn, self.device, warmup=1, repeat=(2 if self.quick else 3) if heavy else (3 if self.quick else 7))
-
-    def try_time(self, fn, who: str, heavy: bool = False) -> float | None:
-        """Like `time`, but a contender that cannot run this (spconv CPU has no backward) is reported."""
-        try:
-            return self.time(fn, heavy)
-        except Exception as e:  # noqa: BLE001 - report and go on
-            msg = str(e).strip().splitlines()[-1][:100] if str(e).strip() else type(e).__name__
-            print(f"\n{who}: not timed ({type(e).__name__}: {msg})")
-            return None
-
-    def table(self, title: str, rows: list[tuple[str, float, str]]) -> None:
-        base = {n: ms for n, ms, _ in rows}
-        ref = next((n for n in ("spconv keyed, 1 thread", "spconv keyed", "spconv, 1 thread", "spconv") if n in base),
+            reps = 10 if self.quick else 30
+        else:
+            reps = (2 if self.quick else 4) if heavy else (3 if self.quick else 7)
+        live = []
+        for label, fn, nt in contenders:
+            try:
+                self._call(fn, nt)  # warm-up (compiles, tunes, builds caches)
+                live.append((label, fn, nt))
+            except Exception as e:  # noqa: BLE001 - e.g. spconv CPU has no backward
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:90]
+                print(f"\n{label}: not timed ({type(e).__name__}: {msg})")
+        walls = {lab: [] for lab, _, _ in live}
+        cpus = {lab: [] for lab, _, _ in live}
+        for _ in range(reps):
+            for label, fn, nt in live:
+                w, c = self._call(fn, nt)
+                walls[label].append(w)
+                cpus[label].append(c)
+        med = {lab: (statistics.median(walls[lab]), statistics.median(cpus[lab])) for lab in walls}
+        ref = next((n for n in ("spconv keyed, 1 thread", "spconv keyed", "spconv, 1 thread", "spconv") if n in med),
                    None)
-        off = next((n for n in ("spconv official, 1 thread", "spconv official") if n in base), None)
-        out = []
-        for n, ms, note in rows:
-            extra = f"{base[off] / ms:.2f}x vs spconv official" if off and not n.startswith("spconv") else ""
-            out.append(Row(n, ms, "; ".join(v for v in (note, extra) if v)))
-            self.records.append(dict(what=title, who=n, ms=ms, note=note))
-        print_table(title, out, baseline=ref)
+        off = next((n for n in ("spconv official, 1 thread", "spconv official") if n in med), None)
+        rows = []
+        for label, (w, c) in med.items():
+            notes = [f"cpu {c:.1f} ms"] if self.device == "cpu" else []
+            if off and not label.startswith("spconv"):
+                notes.append(f"{med[off][0] / w:.2f}x vs spconv official")
+            if ref and self.device == "cpu" and not label.startswith("spconv"):
+                notes.append(f"cpu-time ratio {med[ref][1] / c:.2f}x")
+            rows.append(Row(label, w, "; ".join(notes)))
+            self.records.append(dict(what=title, who=label, wall_ms=w, cpu_ms=c, reps=reps))
+        print_table(title, rows, baseline=ref)
+
+    def _call(self, fn, nt: int) -> tuple[float, float]:
+        if self.device == "cpu":
+            torch.set_num_threads(nt)
+        else:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
+def _label(name: str, nt: int, device: str) -> str:
+    if device != "cpu":
+        return name
+    return f"{name}, {nt} thread{'s' if nt > 1 else ''}"
 
 
-def bench_layers(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
+def bench_layers(run: Runner, coords, dtype, dn, sp, thread_list):
     dev = run.device
     n = coords.shape[0]
     x16 = torch.randn(n, 16, device=dev, dtype=dtype)
@@ -276,35 +300,28 @@ def bench_layers(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
         return SparseTensor(f, coords, SPARSE_SHAPE, batch_size=1)
 
     cached = ours_tensor(x16)
-    with torch.no_grad():
-        subm(cached)
     xg = x16.clone().requires_grad_()
     cached_g = cached.replace_feature(xg)
     with torch.no_grad():
-        y = down(cached)
-    gd = torch.randn_like(y.feats)
+        subm(cached)
+        gd = torch.randn_like(down(cached).feats)
 
-    def fwd_bwd_subm():
-        subm(cached_g).feats.backward(g16)
+    def no_grad(fn):
+        def f():
+            with torch.no_grad():
+                fn()
+        return f
 
-    def fwd_bwd_down():
-        down(ours_tensor(xg)).feats.backward(gd)
-
-    rows = {k: [] for k in ("a1", "a2", "a3", "b1", "b2")}
+    a1, a2, a3, b1, b2 = [], [], [], [], []
     for nt in thread_list:
-        lab = f"ours, {nt} thread{'s' if nt > 1 else ''}" if dev == "cpu" else "ours"
-        if dev == "cpu":
-            _set_threads(nt)
-        with torch.no_grad():
-            rows["a1"].append((lab, run.time(lambda: subm(ours_tensor(x16))), ""))
-            rows["a2"].append((lab, run.time(lambda: subm(cached)), ""))
-            rows["b1"].append((lab, run.time(lambda: down(ours_tensor(x16))), ""))
-        rows["a3"].append((lab, run.time(fwd_bwd_subm), ""))
-        rows["b2"].append((lab, run.time(fwd_bwd_down), ""))
+        lab = _label("ours", nt, dev)
+        a1.append((lab, no_grad(lambda: subm(ours_tensor(x16))), nt))
+        a2.append((lab, no_grad(lambda: subm(cached)), nt))
+        a3.append((lab, lambda: subm(cached_g).feats.backward(g16), nt))
+        b1.append((lab, no_grad(lambda: down(ours_tensor(x16))), nt))
+        b2.append((lab, lambda: down(ours_tensor(xg)).feats.backward(gd), nt))
     if sp is not None:
-        if dev == "cpu":
-            _set_threads(1)
-        lab = "spconv, 1 thread" if dev == "cpu" else "spconv"
+        lab = _label("spconv", 1, dev)
         s_nokey = sp.SubMConv3d(16, 16, 3, padding=1, bias=False).to(dev, dtype)
         s_key = sp.SubMConv3d(16, 16, 3, padding=1, bias=False, indice_key="k0").to(dev, dtype)
         s_down = sp.SparseConv3d(16, 32, 3, stride=2, padding=1, bias=False).to(dev, dtype)
@@ -312,29 +329,20 @@ def bench_layers(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
         def sp_tensor(f):
             return sp.SparseConvTensor(f, coords, list(SPARSE_SHAPE), 1)
 
+        torch.set_num_threads(1)
         with torch.no_grad():
             warm = s_key(sp_tensor(x16))
         warm_g = warm.replace_feature(xg)
-
-        def sp_fb_subm():
-            s_key(warm_g).features.backward(g16)
-
-        def sp_fb_down():
-            s_down(sp_tensor(xg)).features.backward(gd)
-
-        with torch.no_grad():
-            rows["a1"].append((lab, run.time(lambda: s_nokey(sp_tensor(x16))), ""))
-            rows["a2"].append((lab, run.time(lambda: s_key(warm)), ""))
-            rows["b1"].append((lab, run.time(lambda: s_down(sp_tensor(x16))), ""))
-        for key, fn in (("a3", sp_fb_subm), ("b2", sp_fb_down)):
-            ms = run.try_time(fn, lab)
-            if ms is not None:
-                rows[key].append((lab, ms, ""))
-    run.table(f"(a) SubMConv3d 16->16 k3 at L0 ({n} voxels): kernel map + conv, fwd [{dn}]", rows["a1"])
-    run.table(f"(a) same, conv only (cached map), fwd [{dn}]", rows["a2"])
-    run.table(f"(a) same, conv only (cached map), fwd+bwd [{dn}]", rows["a3"])
-    run.table(f"(b) SparseConv3d 16->32 k3 s2 p1 at L0: kernel map + conv, fwd [{dn}]", rows["b1"])
-    run.table(f"(b) same, fwd+bwd [{dn}]", rows["b2"])
+        a1.append((lab, no_grad(lambda: s_nokey(sp_tensor(x16))), 1))
+        a2.append((lab, no_grad(lambda: s_key(warm)), 1))
+        a3.append((lab, lambda: s_key(warm_g).features.backward(g16), 1))
+        b1.append((lab, no_grad(lambda: s_down(sp_tensor(x16))), 1))
+        b2.append((lab, lambda: s_down(sp_tensor(xg)).features.backward(gd), 1))
+    run.compare(f"(a) SubMConv3d 16->16 k3 at L0 ({n} voxels): kernel map + conv, fwd [{dn}]", a1)
+    run.compare(f"(a) same, conv only (cached map), fwd [{dn}]", a2)
+    run.compare(f"(a) same, conv only (cached map), fwd+bwd [{dn}]", a3)
+    run.compare(f"(b) SparseConv3d 16->32 k3 s2 p1 at L0: kernel map + conv, fwd [{dn}]", b1)
+    run.compare(f"(b) same, fwd+bwd [{dn}]", b2)
 
 
 def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
@@ -354,10 +362,8 @@ def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
             return SparseTensor(ff, coords, SPARSE_SHAPE, batch_size=1)
         return sp.SparseConvTensor(ff, coords, list(SPARSE_SHAPE), 1)
 
-    # same weights, same BN: the outputs must agree (spconv at one thread)
-    if sp is not None:
-        if dev == "cpu":
-            _set_threads(1)
+    if sp is not None:  # same weights, same BN: the outputs must agree (spconv at one thread)
+        torch.set_num_threads(1)
         with torch.no_grad():
             for _, m in nets:
                 m.eval()
@@ -365,32 +371,36 @@ def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
             b = nets[2][1](inp("spconv", f)).float()
             err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
         print(f"\nencoder output {tuple(a.shape)}: max |ours - spconv| / max |spconv| = {err:.2e}")
-    fwd, fb = [], []
-    for name, m in nets:
-        tl = thread_list if name == "ours" else [1]
-        for nt in tl:
-            if dev == "cpu":
-                _set_threads(nt)
-                lab = f"{name}, {nt} thread{'s' if nt > 1 else ''}"
-            else:
-                lab = name
+
+    def fwd(name, m):
+        def f_():
             m.eval()
             with torch.no_grad():
-                fwd.append((lab, run.time(lambda: m(inp(name, f)), heavy=True), ""))
+                m(inp(name, f))
+        return f_
+
+    def fwd_bwd(name, m):
+        def f_():
             m.train()
-            ms = run.try_time(lambda: m(inp(name, f)).sum().backward(), lab, heavy=True)
-            if ms is not None:
-                fb.append((lab, ms, ""))
-            m.eval()
-    run.table(f"(c) SparseEncoder fwd (eval BN), kernel maps + dense BEV (1, 256, 180, 180) [{dn}]", fwd)
-    run.table(f"(c) SparseEncoder fwd+bwd (train BN, loss = sum) [{dn}]", fb)
+            m(inp(name, f)).sum().backward()
+        return f_
+
+    cf, cb = [], []
+    for name, m in nets:
+        for nt in (thread_list if name == "ours" else [1]):
+            cf.append((_label(name, nt, dev), fwd(name, m), nt))
+            cb.append((_label(name, nt, dev), fwd_bwd(name, m), nt))
+    run.compare(f"(c) SparseEncoder fwd (eval BN), kernel maps + dense BEV (1, 256, 180, 180) [{dn}]", cf, heavy=True)
+    run.compare(f"(c) SparseEncoder fwd+bwd (train BN, loss = sum) [{dn}]", cb, heavy=True)
+    for _, m in nets:
+        m.eval()
     mem = []
     for name, _ in nets:
         mb = peak_memory(run.device, name, dn)
         if mb is not None:
             mem.append((name, mb))
     if mem:
-        kind = "CUDA max allocated growth" if dev == "cuda" else "peak RSS growth of a child process"
+        kind = "CUDA max allocated growth" if dev == "cuda" else "peak RSS growth (VmHWM) of a child process"
         print(f"\n## (c) encoder fwd peak memory [{dn}] ({kind})")
         for name, mb in mem:
             print(f"| {name:<20} | {mb:8.1f} MiB |")
@@ -473,7 +483,7 @@ def main() -> None:
     dts = (args.dtype or ("fp32" if args.device == "cpu" else "fp32,fp16")).split(",")
     threads = torch.get_num_threads()
     thread_list = sorted({1, threads}) if args.device == "cpu" else [threads]
-    run = Runner(args.device, args.quick, threads)
+    run = Runner(args.device, args.quick)
     t0 = time.time()
     c, f = load_scene()
     coords = torch.from_numpy(c).to(args.device)
@@ -482,19 +492,21 @@ def main() -> None:
     print(f"# bench_sparse: {device_name(args.device)}; torch {torch.__version__}; "
           f"spconv {'absent' if sp is None else __import__('spconv').__version__}")
     print(f"scene: {coords.shape[0]} voxels in {SPARSE_SHAPE} (scene build/load {time.time() - t0:.1f} s)")
+    print("load average at start: %.1f %.1f %.1f" % os.getloadavg())
     if args.device == "cpu":
         print("spconv runs with 1 torch thread (wrong results with more); ours at 1 thread and at "
               f"{threads} threads")
     for dn in dts:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dn]
         if not args.skip_layers:
-            bench_layers(run, coords, feats, dtype, dn, sp, thread_list)
+            bench_layers(run, coords, dtype, dn, sp, thread_list)
         bench_encoder(run, coords, feats, dtype, dn, sp, thread_list)
     torch.set_num_threads(threads)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=device_name(args.device), records=run.records), fh, indent=1)
-    print(f"\ntotal {time.time() - t0:.0f} s")
+    print("\nload average at end: %.1f %.1f %.1f" % os.getloadavg())
+    print(f"total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

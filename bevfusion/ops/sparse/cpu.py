@@ -214,22 +214,20 @@ def subm_pairs_numba(coords: torch.Tensor, keys: torch.Tensor, offs: torch.Tenso
     return torch.from_numpy(i), torch.from_numpy(o), cnt.tolist()
 
 
-def conv_pairs_numba(coords: torch.Tensor, offs: torch.Tensor, pad, stride, out_shape):
+def conv_pairs_numba(coords: torch.Tensor, kernel_size, dilation, pad, stride, out_shape):
     """(in_idx, out_idx, counts, out_keys sorted) of a strided conv map, outputs sorted by key."""
     import numpy as np
 
     nbk = _numba_kernels()
-    # along one axis an input reaches the k offsets with k*dil = const (mod stride), at most
+    # along one axis an input reaches the taps with k*dil = const (mod stride), at most
     # ceil(k / (stride / gcd(stride, dil))) of them: size the table for a load factor <= 1/2
     reach = 1
-    for d in range(3):
-        vals = offs[:, d].unique()
-        k = int(vals.numel())
-        dil = int(vals[1] - vals[0]) if k > 1 else 1
-        reach *= -(-k // (stride[d] // math.gcd(stride[d], dil)))
-    i, o, cnt, okeys = nbk.conv_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64),
-                                         np.asarray(pad, np.int64), np.asarray(stride, np.int64),
-                                         np.asarray(out_shape, np.int64), _bits(reach * coords.shape[0]))
+    for k, s, d in zip(kernel_size, stride, dilation):
+        reach *= -(-k // (s // math.gcd(s, d)))
+    i, o, cnt, okeys = nbk.conv_pairs(coords.numpy().astype(np.int64), np.asarray(kernel_size, np.int64),
+                                      np.asarray(dilation, np.int64), np.asarray(pad, np.int64),
+                                      np.asarray(stride, np.int64), np.asarray(out_shape, np.int64),
+                                      _bits(reach * coords.shape[0]))
     okeys = torch.from_numpy(okeys)
     skeys, order = torch.sort(okeys)
     rank = torch.empty_like(order)

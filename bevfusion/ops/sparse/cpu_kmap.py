@@ -84,46 +84,108 @@ def subm_pairs(coords, offs, shape, t):
 
 
 @numba.njit(cache=True, nogil=True)
-def conv_pairs(coords, offs, pad, stride, oshape, bits):
-    """Pairs of a strided conv; outputs numbered by first appearance, with their keys."""
+def conv_pairs(coords, ksize, dil, pad, stride, oshape, bits):
+    """Pairs of a strided conv, grouped by offset; outputs numbered by first appearance, with their keys.
+
+    Per input and axis, the valid kernel taps are found once (3 divisibility tests per axis instead of
+    one per tap and axis), then their product is walked; a counting sort groups the pairs by offset.
+    """
     n = coords.shape[0]
-    K = offs.shape[0]
+    kx, ky, kz = ksize[0], ksize[1], ksize[2]
+    K = kx * ky * kz
     size = 1 << bits
     mask = size - 1
     t = np.full(2 * size, -1, np.int64)
-    okeys = np.empty(K * n, np.int64)
-    in_idx = np.empty(K * n, np.int64)
-    out_idx = np.empty(K * n, np.int64)
-    cnt = np.zeros(K, np.int64)
     X, Y, Z = oshape[0], oshape[1], oshape[2]
+    kmax = max(kx, max(ky, kz))
+    tap = np.empty((3, kmax), np.int64)
+    pos = np.empty((3, kmax), np.int64)
+    ntap = np.zeros(3, np.int64)
+    cap = n * 8
+    pk = np.empty(cap, np.int64)
+    pi = np.empty(cap, np.int64)
+    po = np.empty(cap, np.int64)
+    okeys = np.empty(max(n, 16), np.int64)
+    cnt = np.zeros(K, np.int64)
     p = 0
     m = 0
+    for i in range(n):
+        for d in range(3):
+            nt = 0
+            lim = X if d == 0 else (Y if d == 1 else Z)
+            kd = kx if d == 0 else (ky if d == 1 else kz)
+            for k in range(kd):
+                num = coords[i, 1 + d] + pad[d] - k * dil[d]
+                if num < 0:
+                    break  # num decreases with k
+                if num % stride[d] == 0:
+                    o = num // stride[d]
+                    if o < lim:
+                        tap[d, nt] = k
+                        pos[d, nt] = o
+                        nt += 1
+            ntap[d] = nt
+        if ntap[0] == 0 or ntap[1] == 0 or ntap[2] == 0:
+            continue
+        b = coords[i, 0]
+        for a in range(ntap[0]):
+            for c in range(ntap[1]):
+                base = (b * X + pos[0, a]) * Y + pos[1, c]
+                kb = (tap[0, a] * ky + tap[1, c]) * kz
+                for e in range(ntap[2]):
+                    key = base * Z + pos[2, e]
+                    s = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(29)) & np.uint64(mask))
+                    while t[2 * s] != -1 and t[2 * s] != key:
+                        s = (s + 1) & mask
+                    if t[2 * s] == -1:
+                        t[2 * s] = key
+                        t[2 * s + 1] = m
+                        if m == okeys.shape[0]:
+                            grown = np.empty(2 * m, np.int64)
+                            grown[:m] = okeys
+                            okeys = grown
+                        okeys[m] = key
+                        m += 1
+                    if p == cap:
+                        cap *= 2
+                        g1 = np.empty(cap, np.int64)
+                        g2 = np.empty(cap, np.int64)
+                        g3 = np.empty(cap, np.int64)
+                        g1[:p] = pk[:p]
+                        g2[:p] = pi[:p]
+                        g3[:p] = po[:p]
+                        pk, pi, po = g1, g2, g3
+                    k = kb + tap[2, e]
+                    pk[p] = k
+                    pi[p] = i
+                    po[p] = t[2 * s + 1]
+                    cnt[k] += 1
+                    p += 1
+    # counting sort by offset (stable: inputs stay in order within an offset)
+    start = np.zeros(K + 1, np.int64)
     for k in range(K):
-        for i in range(n):
-            nx = coords[i, 1] + pad[0] - offs[k, 0]
-            ny = coords[i, 2] + pad[1] - offs[k, 1]
-            nz = coords[i, 3] + pad[2] - offs[k, 2]
-            if nx < 0 or ny < 0 or nz < 0:
-                continue
-            if nx % stride[0] or ny % stride[1] or nz % stride[2]:
-                continue
-            ox, oy, oz = nx // stride[0], ny // stride[1], nz // stride[2]
-            if ox >= X or oy >= Y or oz >= Z:
-                continue
-            key = ((coords[i, 0] * X + ox) * Y + oy) * Z + oz
-            s = _slot(key, mask)
-            while t[2 * s] != -1 and t[2 * s] != key:
-                s = (s + 1) & mask
-            if t[2 * s] == -1:
-                t[2 * s] = key
-                t[2 * s + 1] = m
-                okeys[m] = key
-                m += 1
-            in_idx[p] = i
-            out_idx[p] = t[2 * s + 1]
-            p += 1
-            cnt[k] += 1
-    return in_idx[:p], out_idx[:p], cnt, okeys[:m]
+        start[k + 1] = start[k] + cnt[k]
+    fill = start[:K].copy()
+    in_idx = np.empty(p, np.int64)
+    out_idx = np.empty(p, np.int64)
+    for j in range(p):
+        k = pk[j]
+        q = fill[k]
+        in_idx[q] = pi[j]
+        out_idx[q] = po[j]
+        fill[k] = q + 1
+    return in_idx, out_idx, cnt, okeys[:m]
+
+
+@numba.njit(cache=True, nogil=True)
+def nbmap_from_pairs(in_idx, out_idx, ptr, n_out):
+    """(n_out, K) int32 neighbour table, -1 where an output has no input through that offset."""
+    K = ptr.shape[0] - 1
+    nb = np.full((n_out, K), -1, np.int32)
+    for k in range(K):
+        for j in range(ptr[k], ptr[k + 1]):
+            nb[out_idx[j], k] = in_idx[j]
+    return nb
 
 
 @numba.njit(cache=True, nogil=True)

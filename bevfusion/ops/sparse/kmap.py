@@ -54,6 +54,12 @@ class KernelMap:
 
     def nbmap(self) -> torch.Tensor:
         """(n_out, K) int32 output-stationary neighbour table: input row feeding output o via offset k, or -1."""
+        if "nbmap" not in self._lazy and self.in_idx.device.type == "cpu" and self.num_pairs:
+            from .cpu_kmap import nbmap_from_pairs
+            import numpy as np
+
+            self._lazy["nbmap"] = torch.from_numpy(nbmap_from_pairs(
+                self.in_idx.numpy(), self.out_idx.numpy(), np.asarray(self.ptr, np.int64), self.n_out))
         if "nbmap" not in self._lazy:
             nb = torch.full((self.n_out, self.kernel_volume), -1, dtype=torch.int32, device=self.in_idx.device)
             if self.num_pairs:
@@ -196,7 +202,7 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
     if _use_numba(x, impl):
         from .cpu import conv_pairs_numba
 
-        in_idx, out_idx, cnt, uniq = conv_pairs_numba(x.coords, offs, pad, st, out_shape)
+        in_idx, out_idx, cnt, uniq = conv_pairs_numba(x.coords, ks, dil, pad, st, out_shape)
         ptr = [0]
         for v in cnt:
             ptr.append(ptr[-1] + int(v))
