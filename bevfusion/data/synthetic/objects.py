@@ -129,8 +129,8 @@ class Populator:
         self.world, self.route, self.T, self.rng = world, route, duration, rng
         self.agents: list[Agent] = []
         a_end = route.along(duration)
-        self.lo = max(min(route.start, a_end) - 75.0, 0.0)
-        self.hi = min(max(route.start, a_end) + 75.0, world.extent)
+        self.lo = max(min(route.start, a_end) - 60.0, 0.0)
+        self.hi = min(max(route.start, a_end) + 60.0, world.extent)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def size(self, name: str, scale: float = 1.0) -> tuple[float, float, float]:
@@ -255,7 +255,7 @@ class Populator:
                 mid = pos - d * speed * self.T / 2
                 self.add("pedestrian", (w, l, h), _local(axis, road, mid, sgn * (HALF_ROAD + off)),
                          _unit(axis, d) * speed, _heading(axis, d), "pedestrian.moving", cat)
-                pos += self.rng.uniform(6.0, 30.0)
+                pos += self.rng.uniform(8.0, 45.0)
         pos = a_min + self.rng.uniform(0, 10)
         while pos < a_max:
             kind = self.choice(("standing", "sitting", "bicycle"), (0.45, 0.15, 0.4))
@@ -293,14 +293,14 @@ class Populator:
                              _heading(axis, d), self.vehicle_attribute(name, 0.0, parked=False))
                     dist += l + self.rng.uniform(1.5, 3.5)
             # Parked vehicles further out on the kerb.
-            self.kerb(axis, node, d, r.road * SPACING + arm * 35.0 if arm == 1 else r.road * SPACING - 80.0,
-                      r.road * SPACING + 80.0 if arm == 1 else r.road * SPACING - 35.0, None)
+            self.kerb(axis, node, d, r.road * SPACING + 35.0 if arm == 1 else r.road * SPACING - 65.0,
+                      r.road * SPACING + 65.0 if arm == 1 else r.road * SPACING - 35.0, None)
 
     def carpark(self, u0: float, v0: float) -> None:
         """Cars parked in the bays of the car park whose low corner is (u0, v0) (bays along v)."""
         for row_off in (10.0, 25.0):
             for m in range(int(CARPARK / 2.6)):
-                if self.rng.random() > 0.45:
+                if self.rng.random() > 0.3:
                     continue
                 name = self.choice(("car", "truck"), (0.9, 0.1))
                 w, l, h = self.size(name)
