@@ -107,6 +107,8 @@ REGISTRY = Registry("bevfusion", {
     # models
     "BEVFusion": "bevfusion.models.bevfusion:BEVFusion",
     # camera encoder
+    "ResNet": "bevfusion.models.camera.backbones.resnet:ResNet",
+    "SwinTransformer": "bevfusion.models.camera.backbones.swin:SwinTransformer",
     "GeneralizedLSSFPN": "bevfusion.models.camera.necks:GeneralizedLSSFPN",
     "LSSTransform": "bevfusion.models.camera.vtransforms:LSSTransform",
     "DepthLSSTransform": "bevfusion.models.camera.vtransforms:DepthLSSTransform",

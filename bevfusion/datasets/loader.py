@@ -63,7 +63,10 @@ class CBGSDataset(Dataset):
 
 
 def _init_worker(worker_id: int, base_seed: int, rank: int) -> None:
-    seed = worker_seed(base_seed, rank, worker_id)
+    # torch.initial_seed() here is the loader's per-epoch base seed (drawn from the main process's torch
+    # RNG at each `iter(loader)`) plus the worker id: reproducible under a fixed global seed, and new
+    # every epoch, so augmentations do not repeat from epoch to epoch.
+    seed = worker_seed(base_seed + torch.initial_seed(), rank, worker_id)
     np.random.seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -76,7 +79,8 @@ def build_dataloader(dataset: Dataset, samples_per_gpu: int, workers_per_gpu: in
 
     With world_size > 1 a DistributedSampler gives each rank its share (call
     `loader.sampler.set_epoch(e)` every epoch; it is set to `epoch` here). Workers are seeded from
-    (seed, rank, worker id), and the main process's sampling from `seed`, so a run is repeatable.
+    (seed, the loader's per-epoch base seed, rank, worker id), and the main process's sampling from
+    `seed`, so a run is repeatable under a fixed global torch seed and each epoch draws anew.
     """
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,

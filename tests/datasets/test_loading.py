@@ -307,11 +307,13 @@ def test_ddp_samplers_split_the_data():
 
 
 def test_worker_seeding_is_reproducible_and_distinct():
-    def run():
+    def run(epochs=2):
+        torch.manual_seed(0)  # what the trainer does once at start-up
         loader = build_dataloader(_RandomDraws(), samples_per_gpu=1, workers_per_gpu=2, shuffle=True, seed=7)
-        return [(int(b["index"]), float(b["draw"])) for b in loader]
+        return [[(int(b["index"]), float(b["draw"])) for b in loader] for _ in range(epochs)]
 
     first, second = run(), run()
-    assert first == second  # same seed: same order and same augmentation draws
-    draws = [d for _, d in first]
+    assert first == second  # same seeds: same order and same augmentation draws
+    draws = [d for _, d in first[0]]
     assert len(set(draws)) == len(draws)  # the two workers do not repeat each other's draws
+    assert not set(draws) & {d for _, d in first[1]}  # the next epoch draws anew
