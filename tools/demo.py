@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the synthetic drive is written (default: data/synthetic)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "work_dirs" / "demo",
                         help="training outputs, results and the recording (default: work_dirs/demo)")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "synthetic" / "fusion.yaml",
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "nuscenes" / "synthetic" / "fusion.yaml",
                         help="the model config trained by the demo")
     parser.add_argument("--version", default="v1.0-mini", help="dataset version written by the generator")
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
