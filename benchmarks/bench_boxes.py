@@ -1,7 +1,7 @@
 """Box ops: NMS, the rotated IoU matrix, circle NMS and points-in-boxes, ours vs naive / peer versions
 in one run.
 
-usage: python benchmarks/bench_boxes.py [--device cpu|cuda] [--repeat N] [--boxes N] [--skip-naive]
+usage: python benchmarks/bench_boxes.py [--device cpu|cuda] [--repeat N] [--skip-naive]
 
 Scene: 200 objects in ±54 m (sizes 0.5-12 m, random yaw), each with 5 jittered proposals (±0.3 m,
 ±0.1 rad, ±10 % size) → 1,000 scored boxes, as a detector's pre-NMS output (CenterHead: pre_max 1000,

@@ -375,6 +375,23 @@ def test_bad_input(impl):
         points_in_boxes(boxes.numpy(), boxes, impl=impl)
     with pytest.raises(ValueError, match="impl must be one of"):
         nms_bev(boxes, scores, 0.5, impl="gpu")
+    neg = boxes.clone()
+    neg[2, 4] = -1.0
+    for call in (lambda: rotated_iou_bev(boxes, neg, impl=impl), lambda: nms_bev(neg, scores, 0.5, impl=impl),
+                 lambda: points_in_boxes(boxes[:, :3], neg, impl=impl)):
+        with pytest.raises(ValueError, match="negative sizes"):
+            call()
+    with pytest.raises(ValueError, match="same device|is on"):
+        rotated_iou_bev(boxes, boxes.to("meta"), impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_boxes_overlap_nothing(impl):
+    boxes = rand_boxes(4, torch.Generator().manual_seed(14), spread=0.5)
+    boxes[1, 0] = math.nan
+    iou = rotated_iou_bev(boxes, boxes, impl=impl)
+    assert iou[1].eq(0).all() and iou[:, 1].eq(0).all()
+    assert 1 in nms_bev(boxes, torch.tensor([0.1, 0.9, 0.5, 0.3]), 0.0, impl=impl).tolist()
 
 
 # ----------------------------------------------------------------------------- GPU (pytest -m gpu)

@@ -276,6 +276,11 @@ def test_bad_input(impl):
         voxelize(pts, VS, PR, 3, 10.5, impl=impl)
     with pytest.raises(ValueError, match="impl must be one of"):
         voxelize(pts, VS, PR, 3, 10, impl="cuda")
+    with pytest.raises(TypeError, match="max_points must be an int"):
+        voxelize(pts, VS, PR, True, 10, impl=impl)
+    # numpy / tensor integers are fine, and max_voxels=0 gives an empty result
+    v, c, n = voxelize(pts, VS, PR, np.int64(3), torch.tensor(0), impl=impl)
+    assert v.shape == (0, 3, 5) and c.shape == (0, 3) and n.shape == (0,)
     with pytest.raises(ValueError, match="voxel_size must be 3 finite"):
         dynamic_voxelize(pts, (1.0, math.nan, 1.0), PR, impl=impl)
 

@@ -55,6 +55,12 @@ def _check_float(op: str, name: str, t, dims: Sequence[int], min_cols: int) -> N
         raise ValueError(f"{op}: {name} must be {want} with at least {min_cols} columns, got {tuple(t.shape)}")
 
 
+def _check_sizes(op: str, name: str, boxes: torch.Tensor) -> None:
+    """Negative sizes are an error (one host sync on CUDA); NaN boxes overlap nothing."""
+    if boxes.numel() and bool((boxes[..., 3:6] < 0).any()):
+        raise ValueError(f"{op}: {name} has negative sizes (columns 3:6 are dx, dy, dz >= 0)")
+
+
 def _check_scores(op: str, scores, n: int, device) -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{op}: scores must be a tensor, got {type(scores).__name__}")
@@ -131,6 +137,8 @@ def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool = False, imp
                          "with the same B")
     if a.device != b.device:
         raise ValueError(f"{op}: a is on {a.device} but b is on {b.device}")
+    _check_sizes(op, "a", a)
+    _check_sizes(op, "b", b)
     if aligned and a.shape[-2] != b.shape[-2]:
         raise ValueError(f"{op}: aligned=True needs as many boxes in a as in b, got {a.shape[-2]} and {b.shape[-2]}")
     impl = _resolve_impl(op, impl, a.device)
@@ -156,6 +164,7 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
     """
     op = "nms_bev"
     _check_float(op, "boxes", boxes, (2,), 7)
+    _check_sizes(op, "boxes", boxes)
     _check_scores(op, scores, boxes.shape[0], boxes.device)
     pre_max = _check_max(op, "pre_max", pre_max)
     post_max = _check_max(op, "post_max", post_max)
@@ -240,6 +249,7 @@ def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, impl: str = "auto
                          "(M, 7+), or (B, P, 3+) and (B, M, 7+) with the same B")
     if points.device != boxes.device:
         raise ValueError(f"{op}: points are on {points.device} but boxes on {boxes.device}")
+    _check_sizes(op, "boxes", boxes)
     impl = _resolve_impl(op, impl, points.device)
     if points.dim() == 3:
         outs = [points_in_boxes(p, b, impl=impl) for p, b in zip(points, boxes)]

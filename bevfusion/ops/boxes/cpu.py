@@ -70,12 +70,7 @@ def _kernels():
         return abs(area) * 0.5
 
     @numba.njit(nogil=True, cache=False)
-    def iou(a, b, bx, by, cx, cy):
-        ra = a[2] * a[2] + a[3] * a[3]
-        rb = b[2] * b[2] + b[3] * b[3]
-        d2 = (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2
-        if 4.0 * d2 > ra + rb + 2.0 * np.sqrt(ra * rb):  # (2d)^2 > (diag_a + diag_b)^2: circles apart
-            return 0.0
+    def iou_exact(a, b, bx, by, cx, cy):
         inter = inter_area(a, b, bx, by, cx, cy)
         union = a[2] * a[3] + b[2] * b[3] - inter
         if not union > 0:
@@ -83,22 +78,44 @@ def _kernels():
         return min(max(inter / union, 0.0), 1.0)
 
     @numba.njit(nogil=True, cache=False)
+    def apart(a, b, ra, rb):
+        """True when the circumscribed circles (radii = half diagonals) do not meet: IoU 0."""
+        dx, dy = a[0] - b[0], a[1] - b[1]
+        r = ra + rb
+        return dx * dx + dy * dy > r * r
+
+    @numba.njit(nogil=True, cache=False)
+    def half_diagonals(rows):
+        out = np.empty(rows.shape[0])
+        for i in range(rows.shape[0]):
+            out[i] = 0.5 * np.sqrt(rows[i, 2] * rows[i, 2] + rows[i, 3] * rows[i, 3]) * (1 + 1e-12)
+        return out
+
+    @numba.njit(nogil=True, cache=False)
     def iou_matrix(a, b, out):
         buf = np.empty((4, 16))
+        bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
+        ra, rb = half_diagonals(a), half_diagonals(b)
         for i in range(a.shape[0]):
             for j in range(b.shape[0]):
-                out[i, j] = iou(a[i], b[j], buf[0], buf[1], buf[2], buf[3])
+                if not apart(a[i], b[j], ra[i], rb[j]):
+                    out[i, j] = iou_exact(a[i], b[j], bx, by, cx, cy)
 
     @numba.njit(nogil=True, cache=False)
     def iou_aligned(a, b, out):
         buf = np.empty((4, 16))
+        bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
+        ra, rb = half_diagonals(a), half_diagonals(b)
         for i in range(a.shape[0]):
-            out[i] = iou(a[i], b[i], buf[0], buf[1], buf[2], buf[3])
+            if not apart(a[i], b[i], ra[i], rb[i]):
+                out[i] = iou_exact(a[i], b[i], bx, by, cx, cy)
 
     @numba.njit(nogil=True, cache=False)
     def nms_sorted(b, thr, post_max, keep):
         """b: rows sorted by decreasing score; keep[k] = row index of the k-th kept box; returns the count."""
         buf = np.empty((4, 16))
+        bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
+        r = half_diagonals(b)
         n = b.shape[0]
         suppressed = np.zeros(n, dtype=np.bool_)
         nk = 0
@@ -110,7 +127,9 @@ def _kernels():
             if nk >= post_max:
                 break
             for j in range(i + 1, n):
-                if not suppressed[j] and iou(b[i], b[j], buf[0], buf[1], buf[2], buf[3]) > thr:
+                if suppressed[j] or apart(b[i], b[j], r[i], r[j]):
+                    continue
+                if iou_exact(b[i], b[j], bx, by, cx, cy) > thr:
                     suppressed[j] = True
         return nk
 

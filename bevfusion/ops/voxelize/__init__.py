@@ -24,6 +24,7 @@ needs torch only.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Sequence, Union
 
@@ -78,8 +79,9 @@ def _check_points(points) -> None:
 
 
 def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int,)) and not (isinstance(v, torch.Tensor) and v.numel() == 1
-                                                                 and not v.is_floating_point()):
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"voxelize: {name} must be an int, got {v!r}")
     v = int(v)
     if v < lo:
