@@ -191,7 +191,7 @@ class Populator:
         yaw = _heading(axis, d)
         pos = a_min + self.rng.uniform(0, 8)
         while pos < a_max:
-            if zone_at is not None and pos <= zone_at < pos + 40:
+            if zone_at is not None and pos <= zone_at < pos + 55:
                 pos = self.construction_zone(axis, road, d, zone_at) + self.rng.uniform(3, 8)
                 zone_at = None
                 continue
@@ -215,12 +215,15 @@ class Populator:
             pos += l + self.rng.uniform(2.0, 14.0)
 
     def construction_zone(self, axis: int, road: int, d: int, start: float) -> float:
-        """Cones, barriers and a construction vehicle closing the kerb lane; returns the end."""
+        """Cones, barriers, a worker, a construction vehicle and an equipment trailer closing the kerb
+        lane; returns the end."""
         sgn = lateral_sign(self.world, axis, d)
         yaw = _heading(axis, d)
         lat_kerb = sgn * (2 * LANE + KERB / 2)
-        pos = self.clear_of_nodes(start, 27.0)
-        for item in ("traffic_cone", "barrier", "barrier", "worker", "construction_vehicle", "barrier", "traffic_cone"):
+        pos = self.clear_of_nodes(start, 42.0)
+        items = ("traffic_cone", "barrier", "barrier", "worker", "construction_vehicle", "trailer", "barrier",
+                 "traffic_cone")
+        for item in items:
             if item == "worker":  # standing in the closed lane, next to the machine
                 w, l, h = self.size("pedestrian")
                 self.add("pedestrian", (w, l, h), _local(axis, road, pos + 0.9, lat_kerb), np.zeros(2),
