@@ -164,6 +164,11 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_scenes: int = 10, sa
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; remove it or pass overwrite=True (--overwrite)")
     parent = out.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"cannot write {out}: {p} is a file, not a folder")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -357,8 +362,7 @@ class _Writer:
         t["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": len(key_frames),
                            "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
                            "name": scene_name,
-                           "description": f"SYNTHETIC drive on {world.name}, {speed:.1f} m/s, "
-                                          f"{len(agents)} objects"})
+                           "description": f"SYNTHETIC drive on a road grid ({world.name}), ego at {speed:.1f} m/s"})
 
         # Annotation records are collected as keyframes are simulated; instances that no keyframe sweep
         # ever hits are dropped at the end (nuScenes annotates what its sensors observe).
