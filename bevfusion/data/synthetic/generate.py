@@ -349,7 +349,8 @@ class _Writer:
             cs_tokens[ch] = tok("calibrated_sensor", idx, ch)
             t["calibrated_sensor"].append({
                 "token": cs_tokens[ch], "sensor_token": tok("sensor", ch), "translation": list(s.translation),
-                "rotation": list(s.rotation), "camera_intrinsic": [list(r) for r in s.intrinsic] if s.intrinsic else []})
+                "rotation": list(s.rotation),
+                "camera_intrinsic": [list(r) for r in s.intrinsic] if s.intrinsic else []})
 
         scene_token = tok("scene", idx)
         sample_tokens = [tok("sample", idx, k) for k in range(len(key_frames))]
