@@ -220,7 +220,7 @@ def im2col_plan(nb, rows, n_in):
             if act[b, k]:
                 na += 1
         starts[b + 1] = starts[b] + (e - b * rows) * na
-    flat = np.empty(starts[nblk], np.int64)
+    flat = np.empty(starts[nblk], np.int32)  # index_select takes int32 indices: half the memory
     p = 0
     for b in range(nblk):
         e = min((b + 1) * rows, n_out)
