@@ -91,8 +91,12 @@ def test_devkit_loads_mini_layout(nusc, synthetic_root):
             sd = prev
         assert len(chain) == 9
         assert not chain[0]["is_key_frame"] and chain[0]["filename"].startswith("sweeps/LIDAR_TOP/")
-        poses = {tuple(nusc.get("ego_pose", c["ego_pose_token"])["translation"]) for c in chain}
-        assert len(poses) == 9
+        poses = [nusc.get("ego_pose", c["ego_pose_token"]) for c in chain]
+        assert len({tuple(p["translation"]) for p in poses}) == 9
+        assert len({tuple(p["rotation"]) for p in poses}) == 9  # the ego sways: its heading changes too
+        speeds = [np.linalg.norm(np.subtract(a["translation"], b["translation"])) / 0.05
+                  for a, b in zip(poses, poses[1:])]
+        assert 4.0 < min(speeds) and max(speeds) < 14.0  # urban speeds
     for inst in nusc.instance:  # complete annotation chains, so every box has a velocity
         ann = nusc.get("sample_annotation", inst["first_annotation_token"])
         n = 1

@@ -300,7 +300,7 @@ class _Writer:
         self.scene_logs.append((map_name, log_token))
 
     # ---- one scene ---------------------------------------------------------------------------------
-    def _route(self, world: MapWorld, speed: float, rng: np.random.Generator, duration: float) -> Route:
+    def _route(self, world: MapWorld, speed: float, rng: np.random.Generator, duration: float, idx: int) -> Route:
         axis = int(rng.integers(0, 2))
         road = int(rng.integers(1, world.n))  # an inner road: blocks on both sides
         d = 1 if rng.random() < 0.5 else -1
@@ -309,24 +309,35 @@ class _Writer:
         start = float(rng.uniform(lo, max(lo, hi)))
         if d == -1:
             start = world.extent - start
-        return Route(axis, road, d, start, speed)
+        # Speed drift and in-lane sway from their own stream (the traffic does not depend on them).
+        motion = np.random.default_rng([self.cfg.seed, 5, idx])
+        accel = float(motion.uniform(-1.0, 1.0)) / max(duration, 1.0)  # at most 1 m/s change over the scene
+        return Route(axis, road, d, start, speed, accel=accel, sway=float(motion.uniform(0.05, 0.2)),
+                     sway_period=float(motion.uniform(6.0, 12.0)), sway_phase=float(motion.uniform(0, 2 * np.pi)))
 
     def _scene(self, idx: int, scene_name: str, world: MapWorld, speed: float, bar) -> str:
         cfg, t, tok = self.cfg, self.tables, self.tok
         rng = np.random.default_rng([cfg.seed, 2, idx])
         n_frames = SWEEPS_PER_SAMPLE * cfg.samples_per_scene  # 9 sweeps before the first keyframe
         duration = (n_frames - 1) * FRAME_DT
-        route = self._route(world, speed, rng, duration)
+        route = self._route(world, speed, rng, duration, idx)
         agents = Populator(world, route, duration, rng).populate()
 
-        # Ego poses (ego frame origin on the ground, heading along the lane).
+        # Ego poses (ego frame origin on the ground, heading along its path).
         sgn = (-route.d * world.side) if route.axis == 0 else (route.d * world.side)
-        ego_yaw = world.to_global_yaw((0.0 if route.d == 1 else np.pi) if route.axis == 0
-                                      else (np.pi / 2 if route.d == 1 else -np.pi / 2))
         times = np.arange(n_frames) * FRAME_DT
-        ego_xy = np.stack([world.to_global_2d(
-            np.array([route.along(tt), route.road * SPACING + sgn * 0.5 * LANE]) if route.axis == 0 else
-            np.array([route.road * SPACING + sgn * 0.5 * LANE, route.along(tt)])) for tt in times])
+        along = route.along(times)
+        sway, sway_rate = route.lateral(times)
+        across = route.road * SPACING + sgn * (0.5 * LANE + sway)
+        v_along = route.d * (route.speed + route.accel * times)
+        if route.axis == 0:
+            local = np.stack([along, across], 1)
+            yaw_local = np.arctan2(sgn * sway_rate, v_along)
+        else:
+            local = np.stack([across, along], 1)
+            yaw_local = np.arctan2(v_along, sgn * sway_rate)
+        ego_xy = world.to_global_2d(local)
+        ego_yaws = [world.to_global_yaw(float(y)) for y in yaw_local]
         key_frames = [SWEEPS_PER_SAMPLE - 1 + SWEEPS_PER_SAMPLE * k for k in range(cfg.samples_per_scene)]
         # Keep agents that come within range of the ego at some keyframe.
         keep = []
@@ -405,10 +416,10 @@ class _Writer:
         for f in range(n_frames):
             tt = times[f]
             e2g = np.eye(4)
-            e2g[:3, :3] = rot_z(ego_yaw)
+            e2g[:3, :3] = rot_z(ego_yaws[f])
             e2g[:2, 3] = ego_xy[f]
             ego_token = lidar_sd[f]
-            t["ego_pose"].append({"token": ego_token, "timestamp": timestamps[f], "rotation": yaw_quaternion(ego_yaw),
+            t["ego_pose"].append({"token": ego_token, "timestamp": timestamps[f], "rotation": yaw_quaternion(ego_yaws[f]),
                                   "translation": [float(ego_xy[f, 0]), float(ego_xy[f, 1]), 0.0]})
             boxes = np.concatenate([agent_boxes(agents, world, tt), buildings]) if n_agents else buildings
             l2g = e2g @ l2e

@@ -81,16 +81,32 @@ def agent_boxes(agents: list[Agent], world: MapWorld, t: float) -> np.ndarray:
 
 @dataclass
 class Route:
-    """The ego's straight drive: along road `road` of axis `axis` in direction `d`, lane 0."""
+    """The ego's drive along road `road` of axis `axis` in direction `d`, in lane 0.
+
+    Speed changes linearly (`accel`) and the ego sways gently inside its lane (`sway` m, period
+    `sway_period` s), so consecutive ego poses differ in translation, speed and heading.
+    """
 
     axis: int
     road: int
     d: int
     start: float  # along-road coordinate at t = 0
-    speed: float
+    speed: float  # at t = 0 [m/s]
+    accel: float = 0.0
+    sway: float = 0.0
+    sway_period: float = 8.0
+    sway_phase: float = 0.0
 
-    def along(self, t: float) -> float:
-        return self.start + self.d * self.speed * t
+    def along(self, t):
+        return self.start + self.d * (self.speed * t + 0.5 * self.accel * t * t)
+
+    def mean_speed(self, duration: float) -> float:
+        return self.speed + 0.5 * self.accel * duration
+
+    def lateral(self, t):
+        """Offset from the lane centre toward the driver's right-hand lanes' outside, and its rate."""
+        w = 2 * np.pi / self.sway_period
+        return self.sway * np.sin(w * t + self.sway_phase), self.sway * w * np.cos(w * t + self.sway_phase)
 
 
 def _local(axis: int, road: int, along: float, lat: float) -> np.ndarray:
@@ -327,7 +343,7 @@ class Populator:
             gap = float(rng.uniform(14.0, 35.0))
             self.add(name, (w, l, h), _local(r.axis, r.road, r.start + r.d * (gap + l / 2 + 4.0),
                                              lateral_sign(self.world, r.axis, r.d) * 0.5 * LANE),
-                     _unit(r.axis, r.d) * r.speed, _heading(r.axis, r.d), "vehicle.moving")
+                     _unit(r.axis, r.d) * r.mean_speed(self.T), _heading(r.axis, r.d), "vehicle.moving")
         # Other lanes of the route's road.
         slow = ("car", "truck", "bus", "motorcycle", "bicycle")
         self.lane_flow(r.axis, r.road, r.d, 1, float(rng.uniform(3.0, 6.0)), slow, (0.45, 0.15, 0.1, 0.15, 0.15),
