@@ -26,6 +26,9 @@ SWEEPS_PER_SAMPLE = 10  # LiDAR at 20 Hz, keyframes at 2 Hz
 FRAME_DT = 0.05
 ANNOTATION_RANGE = 60.0  # agents farther than this from the ego at every keyframe are left out
 CAMERA_FAR = 250.0
+# Each camera is triggered when the LiDAR (one turn per 50 ms, clockwise from the front) faces it.
+CAMERA_DELAY = {"CAM_FRONT": 0.0, "CAM_FRONT_RIGHT": 0.0076, "CAM_BACK_RIGHT": 0.0153, "CAM_BACK": 0.025,
+                "CAM_BACK_LEFT": 0.0347, "CAM_FRONT_LEFT": 0.0424}
 
 CATEGORIES = (
     ("human.pedestrian.adult", "Adult subcategory."),
@@ -323,21 +326,28 @@ class _Writer:
         route = self._route(world, speed, rng, duration, idx)
         agents = Populator(world, route, duration, rng).populate()
 
-        # Ego poses (ego frame origin on the ground, heading along its path).
+        # Ego poses (ego frame origin on the ground, heading along its path) at any time.
         sgn = (-route.d * world.side) if route.axis == 0 else (route.d * world.side)
+
+        def ego_at(ts: np.ndarray) -> tuple[np.ndarray, list[float]]:
+            along = route.along(ts)
+            sway, sway_rate = route.lateral(ts)
+            across = route.road * SPACING + sgn * (0.5 * LANE + sway)
+            v_along = route.d * (route.speed + route.accel * ts)
+            if route.axis == 0:
+                local, yaw_local = np.stack([along, across], 1), np.arctan2(sgn * sway_rate, v_along)
+            else:
+                local, yaw_local = np.stack([across, along], 1), np.arctan2(v_along, sgn * sway_rate)
+            return world.to_global_2d(local), [world.to_global_yaw(float(y)) for y in yaw_local]
+
+        def pose_matrix(xy, yaw) -> np.ndarray:
+            m = np.eye(4)
+            m[:3, :3] = rot_z(yaw)
+            m[:2, 3] = xy
+            return m
+
         times = np.arange(n_frames) * FRAME_DT
-        along = route.along(times)
-        sway, sway_rate = route.lateral(times)
-        across = route.road * SPACING + sgn * (0.5 * LANE + sway)
-        v_along = route.d * (route.speed + route.accel * times)
-        if route.axis == 0:
-            local = np.stack([along, across], 1)
-            yaw_local = np.arctan2(sgn * sway_rate, v_along)
-        else:
-            local = np.stack([across, along], 1)
-            yaw_local = np.arctan2(v_along, sgn * sway_rate)
-        ego_xy = world.to_global_2d(local)
-        ego_yaws = [world.to_global_yaw(float(y)) for y in yaw_local]
+        ego_xy, ego_yaws = ego_at(times)
         key_frames = [SWEEPS_PER_SAMPLE - 1 + SWEEPS_PER_SAMPLE * k for k in range(cfg.samples_per_scene)]
         # Keep agents that come within range of the ego at some keyframe.
         keep = []
@@ -415,11 +425,10 @@ class _Writer:
 
         for f in range(n_frames):
             tt = times[f]
-            e2g = np.eye(4)
-            e2g[:3, :3] = rot_z(ego_yaws[f])
-            e2g[:2, 3] = ego_xy[f]
+            e2g = pose_matrix(ego_xy[f], ego_yaws[f])
             ego_token = lidar_sd[f]
-            t["ego_pose"].append({"token": ego_token, "timestamp": timestamps[f], "rotation": yaw_quaternion(ego_yaws[f]),
+            t["ego_pose"].append({"token": ego_token, "timestamp": timestamps[f],
+                                  "rotation": yaw_quaternion(ego_yaws[f]),
                                   "translation": [float(ego_xy[f, 0]), float(ego_xy[f, 1]), 0.0]})
             boxes = np.concatenate([agent_boxes(agents, world, tt), buildings]) if n_agents else buildings
             l2g = e2g @ l2e
@@ -462,19 +471,25 @@ class _Writer:
                     "prev": ann_tokens[j][k - 1] if k > 0 else "",
                     "next": ann_tokens[j][k + 1] if k + 1 < len(key_frames) else "",
                     "num_lidar_pts": int(num_pts[j]), "num_radar_pts": 0})
-            # Cameras.
+            # Cameras fire as the spinning LiDAR sweeps across them, each at its own time and ego pose.
             for ch in CAMERA_NAMES:
                 cam = self.rig[ch]
-                c2g = e2g @ cam.to_ego
+                t_cam = tt + CAMERA_DELAY[ch]
+                ts_cam = timestamps[f] + int(round(CAMERA_DELAY[ch] * 1e6))
+                (xy_c,), (yaw_c,) = ego_at(np.array([t_cam]))
+                t["ego_pose"].append({"token": cam_sd[ch][k], "timestamp": ts_cam, "rotation": yaw_quaternion(yaw_c),
+                                      "translation": [float(xy_c[0]), float(xy_c[1]), 0.0]})
+                c2g = pose_matrix(xy_c, yaw_c) @ cam.to_ego
+                boxes_c = np.concatenate([agent_boxes(agents, world, t_cam), buildings]) if n_agents else buildings
                 kk_ = np.array(cam.intrinsic)
                 img = kernels.render_camera(kk_, np.linalg.inv(kk_), c2g[:3, :3].copy(), c2g[:3, 3].copy(),
-                                            cam.width, cam.height, boxes, box_cls, box_color, box_shade, gp,
+                                            cam.width, cam.height, boxes_c, box_cls, box_color, box_shade, gp,
                                             kernels.GROUND_COLORS, 0.1, CAMERA_FAR)
-                cname = f"samples/{ch}/{logfile}__{ch}__{timestamps[f]}.jpg"
+                cname = f"samples/{ch}/{logfile}__{ch}__{ts_cam}.jpg"
                 Image.fromarray(img).save(self.root / cname, quality=cfg.jpeg_quality)
                 t["sample_data"].append({
-                    "token": cam_sd[ch][k], "sample_token": sample_tokens[k], "ego_pose_token": ego_token,
-                    "calibrated_sensor_token": cs_tokens[ch], "timestamp": timestamps[f], "fileformat": "jpg",
+                    "token": cam_sd[ch][k], "sample_token": sample_tokens[k], "ego_pose_token": cam_sd[ch][k],
+                    "calibrated_sensor_token": cs_tokens[ch], "timestamp": ts_cam, "fileformat": "jpg",
                     "is_key_frame": True, "height": cam.height, "width": cam.width, "filename": cname,
                     "prev": cam_sd[ch][k - 1] if k > 0 else "",
                     "next": cam_sd[ch][k + 1] if k + 1 < len(key_frames) else ""})
