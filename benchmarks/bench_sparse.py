@@ -329,7 +329,8 @@ def bench_layers(run: Runner, coords, dtype, dn, sp, thread_list):
         def sp_tensor(f):
             return sp.SparseConvTensor(f, coords, list(SPARSE_SHAPE), 1)
 
-        torch.set_num_threads(1)
+        if dev == "cpu":
+            torch.set_num_threads(1)
         with torch.no_grad():
             warm = s_key(sp_tensor(x16))
         warm_g = warm.replace_feature(xg)
@@ -363,7 +364,8 @@ def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
         return sp.SparseConvTensor(ff, coords, list(SPARSE_SHAPE), 1)
 
     if sp is not None:  # same weights, same BN: the outputs must agree (spconv at one thread)
-        torch.set_num_threads(1)
+        if dev == "cpu":
+            torch.set_num_threads(1)
         with torch.no_grad():
             for _, m in nets:
                 m.eval()
@@ -478,7 +480,8 @@ def mem_child(who: str, device: str, dn: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="comma list of fp32, fp16, bf16 (default fp32 on CPU, fp32,fp16 on CUDA)")
+    ap.add_argument("--dtype", default=None,
+                    help="comma list of fp32, fp16, bf16 (default fp32 on CPU, fp32,fp16 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--no-spconv", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")

@@ -12,6 +12,7 @@ import torch
 
 from .kmap import KernelMap
 
+
 def gather_gemm_scatter(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
     """out[o] = sum over pairs (i, o, k) of feats[i] @ weight[k]; weight (K, Cin, Cout), may be a view."""
     out = feats.new_zeros(kmap.n_out, weight.shape[2])
