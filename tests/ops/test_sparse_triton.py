@@ -134,3 +134,28 @@ def test_gpu_vs_cpu_float64(kind, impl, dtype):
     (y64.feats * gy).sum().backward()
     torch.testing.assert_close(feats.grad.double().cpu(), f64.grad, rtol=tol, atol=tol * float(f64.grad.abs().max()))
     torch.testing.assert_close(w.grad.double().cpu(), w2.grad, rtol=tol, atol=tol * float(w2.grad.abs().max()))
+
+
+def test_every_autotune_candidate_is_correct():
+    """Each config the CUDA autotuner may pick gives the dense answer (forward, dgrad-shaped and wgrad)."""
+    from bevfusion.ops.sparse import triton as tk
+    from bevfusion.ops.sparse import tune
+    from bevfusion.ops.sparse.cpu import wgrad_gather
+    from bevfusion.ops.sparse.kmap import build_subm_kmap
+
+    x = random_tensor(shape=(4, 4, 3), batch=2, density=0.3, cin=5, seed=2, empty=(), dtype=torch.float32)
+    w = torch.randn(27, 5, 16) / 5
+    km = build_subm_kmap(x, 3)
+    ref = dense_conv(x.replace_feature(x.feats.double()), w.double(), 3, subm=True)[1]
+    gy = torch.randn(x.feats.shape[0], 16)
+    dw_ref = wgrad_gather(x.feats.double(), gy.double(), km)
+    for direction in ("fwd", "wgrad"):
+        for name, cfg in tune._triton_candidates(direction, 5, 16):
+            if name == "triton_igemm":
+                out = tk.igemm(x.feats, w, km, cfg)
+            elif name == "triton_gather":
+                out = tk.gather_scatter(x.feats, w, km, cfg)
+            else:
+                torch.testing.assert_close(tk.wgrad(x.feats, gy, km, cfg).double(), dw_ref, rtol=1e-4, atol=1e-4)
+                continue
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=f"{name} {cfg}")
