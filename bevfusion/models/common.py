@@ -6,12 +6,14 @@ as `lateral_convs.0.conv.weight` / `lateral_convs.0.bn.running_mean` load unchan
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
+__all__ = ["init_from_cfg", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
            "trunc_normal_"]
 
 _NORMS = {"BN": nn.BatchNorm2d, "BN2d": nn.BatchNorm2d, "BN1d": nn.BatchNorm1d, "BN3d": nn.BatchNorm3d,
@@ -149,3 +151,43 @@ class DropPath(nn.Module):
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
+
+
+# init_cfg.checkpoint values that name a remote file: never downloaded.
+URL_PREFIXES = ("http://", "https://", "s3://", "ftp://", "torchvision://", "open-mmlab://", "modelzoo://",
+                "pavi://", "mmcls://")
+
+
+def init_from_cfg(module: nn.Module, init_cfg: Mapping[str, Any] | None, name: str, logger: logging.Logger,
+                  warned: set[str]) -> None:
+    """Backbone init from an official `init_cfg`: `module._random_init()` without one,
+    `module.load_pretrained(path)` for a local `checkpoint`. A URL is never downloaded: the module keeps
+    its random init and logs one warning per URL (tracked in `warned`) saying how to give a local file."""
+    if init_cfg is None:
+        module._random_init()
+        return
+    if init_cfg.get("type", "Pretrained") != "Pretrained" or "checkpoint" not in init_cfg:
+        raise ValueError(f"{name}.init_cfg: expected {{type: Pretrained, checkpoint: PATH}}, got {init_cfg}")
+    path = str(init_cfg["checkpoint"])
+    if path.startswith(URL_PREFIXES):
+        module._random_init()
+        if path not in warned:
+            warned.add(path)
+            logger.warning(
+                "%s: init_cfg.checkpoint is a URL (%s); nothing is downloaded and the camera backbone starts from "
+                "random init. To use pretrained weights, download the file yourself and pass "
+                "--set model.encoders.camera.backbone.init_cfg.checkpoint=PATH (a local file).", name, path)
+        return
+    module.load_pretrained(path)
+
+
+def read_local_checkpoint(path: str | os.PathLike, what: str) -> Any:
+    """`torch.load(weights_only=True)` of a local backbone checkpoint, with errors that name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} checkpoint not found (model.encoders.camera.backbone."
+                                "init_cfg.checkpoint); give a local file or set it to null for random init")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be read safely with weights_only=True: {exc}") from None

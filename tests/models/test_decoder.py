@@ -14,14 +14,6 @@ from bevfusion.models.decoder.second import SECOND
 from bevfusion.models.decoder.secondfpn import SECONDFPN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BN_EPS3 = {"type": "BN", "eps": 1e-3, "momentum": 0.01}
 SECOND_CFG = dict(in_channels=256, out_channels=[128, 256], layer_nums=[5, 5], layer_strides=[1, 2],
                   norm_cfg=BN_EPS3, conv_cfg={"type": "Conv2d", "bias": False})

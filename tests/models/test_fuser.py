@@ -9,15 +9,6 @@ from torch import nn
 from bevfusion.models.fusers import ConvFuser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_convfuser_keys_shapes_count():
     m = ConvFuser(in_channels=[80, 256], out_channels=256)
     assert isinstance(m, nn.Sequential)

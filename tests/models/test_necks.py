@@ -8,14 +8,6 @@ import torch.nn.functional as F
 from bevfusion.models.camera.necks import GeneralizedLSSFPN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CFG = dict(in_channels=[192, 384, 768], out_channels=256, start_level=0, num_outs=3,
            norm_cfg={"type": "BN2d", "requires_grad": True}, act_cfg={"type": "ReLU", "inplace": True},
            upsample_cfg={"mode": "bilinear", "align_corners": False})

@@ -12,15 +12,6 @@ from bevfusion.models.camera.backbones import resnet as resnet_mod
 from bevfusion.models.camera.backbones.resnet import Bottleneck, ResNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 R50 = dict(depth=50, num_stages=4, out_indices=[1, 2, 3], frozen_stages=-1,
            norm_cfg={"type": "BN2d", "requires_grad": True}, norm_eval=False)
 

@@ -10,14 +10,6 @@ import torch
 from bevfusion.models.heads.segm import BEVGridTransform, BEVSegmentationHead, sigmoid_focal_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 MAP_CLASSES = ["drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area", "divider"]
 GRID = {"input_scope": [[-51.2, 51.2, 0.8], [-51.2, 51.2, 0.8]], "output_scope": [[-50, 50, 0.5], [-50, 50, 0.5]]}
 

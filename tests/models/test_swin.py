@@ -14,14 +14,6 @@ from bevfusion.models.camera.backbones.swin import (PatchMerging, ShiftWindowMSA
                                                     convert_original_swin, relative_position_index)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded CPU, small ops otherwise wait for worker threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SWIN_T = dict(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4,
               qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.2, patch_norm=True,
               out_indices=[1, 2, 3], with_cp=False, convert_weights=True)

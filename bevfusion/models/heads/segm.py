@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bevfusion.models.heads.losses import weight_reduce_loss
+
 __all__ = ["BEVGridTransform", "BEVSegmentationHead", "sigmoid_focal_loss", "sigmoid_xent_loss"]
 
 
@@ -35,13 +37,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"sigmoid_focal_loss: unknown reduction {reduction!r}")
+    return weight_reduce_loss(loss, reduction=reduction)
 
 
 class BEVGridTransform(nn.Module):

@@ -17,13 +17,11 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bevfusion.models.common import build_norm, kaiming_init
+from bevfusion.models.common import build_norm, init_from_cfg, kaiming_init, read_local_checkpoint
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
 logger = logging.getLogger("bevfusion.models.resnet")
-_URL_PREFIXES = ("http://", "https://", "s3://", "ftp://", "torchvision://", "open-mmlab://", "modelzoo://",
-                 "pavi://", "mmcls://")
 _warned_urls: set[str] = set()
 _BN = {"type": "BN", "requires_grad": True}
 
@@ -222,34 +220,12 @@ class ResNet(nn.Module):
 
     def init_weights(self) -> None:
         """Random init, or load `init_cfg.checkpoint` from a local file (never downloads)."""
-        cfg = self.init_cfg
-        if cfg is None:
-            self._random_init()
-            return
-        if cfg.get("type", "Pretrained") != "Pretrained" or "checkpoint" not in cfg:
-            raise ValueError(f"ResNet.init_cfg: expected {{type: Pretrained, checkpoint: PATH}}, got {cfg}")
-        path = str(cfg["checkpoint"])
-        if path.startswith(_URL_PREFIXES):
-            self._random_init()
-            if path not in _warned_urls:
-                _warned_urls.add(path)
-                logger.warning(
-                    "ResNet: init_cfg.checkpoint is a URL (%s); nothing is downloaded and the camera backbone "
-                    "starts from random init. To use pretrained weights, download the file yourself and pass "
-                    "--set model.encoders.camera.backbone.init_cfg.checkpoint=PATH (a local file).", path)
-            return
-        self.load_pretrained(path)
+        init_from_cfg(self, self.init_cfg, "ResNet", logger, _warned_urls)
 
     def load_pretrained(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Load torchvision, mmdet (`backbone.`) or BEVFusion (`encoders.camera.backbone.`) ResNet weights."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: ResNet checkpoint not found (model.encoders.camera.backbone."
-                                    "init_cfg.checkpoint); give a local file or set it to null for random init")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot be read safely with weights_only=True: {exc}") from None
+        ckpt = read_local_checkpoint(path, "ResNet")
         state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, Mapping) else {}
         state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items()
                             if isinstance(v, torch.Tensor))

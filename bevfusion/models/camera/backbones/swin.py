@@ -28,14 +28,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from bevfusion.models.common import DropPath, build_activation, trunc_normal_
+from bevfusion.models.common import DropPath, build_activation, init_from_cfg, read_local_checkpoint, trunc_normal_
 
 __all__ = ["SwinTransformer", "WindowMSA", "ShiftWindowMSA", "SwinBlock", "PatchMerging", "PatchEmbed",
            "swin_state_dict", "convert_original_swin", "relative_position_index"]
 
 logger = logging.getLogger("bevfusion.models.swin")
-_URL_PREFIXES = ("http://", "https://", "s3://", "ftp://", "modelzoo://", "torchvision://", "open-mmlab://",
-                 "mmcls://", "pavi://")
 _warned_urls: set[str] = set()
 
 
@@ -388,34 +386,12 @@ class SwinTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """Random init, or load `init_cfg.checkpoint` from a local file (never downloads)."""
-        cfg = self.init_cfg
-        if cfg is None:
-            self._random_init()
-            return
-        if cfg.get("type", "Pretrained") != "Pretrained" or "checkpoint" not in cfg:
-            raise ValueError(f"SwinTransformer.init_cfg: expected {{type: Pretrained, checkpoint: PATH}}, got {cfg}")
-        path = str(cfg["checkpoint"])
-        if path.startswith(_URL_PREFIXES):
-            self._random_init()
-            if path not in _warned_urls:
-                _warned_urls.add(path)
-                logger.warning(
-                    "SwinTransformer: init_cfg.checkpoint is a URL (%s); nothing is downloaded and the camera "
-                    "backbone starts from random init. To use pretrained weights, download the file yourself and "
-                    "pass --set model.encoders.camera.backbone.init_cfg.checkpoint=PATH (a local file).", path)
-            return
-        self.load_pretrained(path)
+        init_from_cfg(self, self.init_cfg, "SwinTransformer", logger, _warned_urls)
 
     def load_pretrained(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Load a local Swin checkpoint (original-repo, mmdet or BEVFusion layout); returns (missing, unexpected)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: Swin checkpoint not found (model.encoders.camera.backbone."
-                                    "init_cfg.checkpoint); give a local file or set it to null for random init")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot be read safely with weights_only=True: {exc}") from None
+        ckpt = read_local_checkpoint(path, "Swin")
         state = swin_state_dict(ckpt)
         # the index buffers follow from the window size; ours are kept (a checkpoint's are equal or unusable)
         state = OrderedDict((k, v) for k, v in state.items() if not k.endswith("relative_position_index"))
