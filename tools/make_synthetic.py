@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s already holds a synthetic drive with these settings; nothing to do "
                          "(--overwrite regenerates it)", args.out)
                 return 0
-        log.error("%s already exists and is not a synthetic drive with these settings; "
-                  "pass --overwrite to replace it", args.out)
+            log.error("%s holds a synthetic drive made with other settings; pass --overwrite to replace it",
+                      args.out)
+        else:
+            log.error("%s already exists and is not a synthetic drive; choose another --out", args.out)
         return 2
     try:
         generate(args.out, overwrite=args.overwrite, workers=args.workers,

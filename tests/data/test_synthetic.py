@@ -400,6 +400,15 @@ def test_unwritable_output(tmp_path):
             generate(locked / "out", **TINY)
 
 
+def test_never_replaces_foreign_data(tmp_path):
+    precious = tmp_path / "nuscenes"
+    precious.mkdir()
+    (precious / "v1.0-trainval").mkdir()
+    with pytest.raises(FileExistsError, match="not a synthetic drive"):
+        generate(precious, overwrite=True, **TINY)
+    assert (precious / "v1.0-trainval").is_dir()
+
+
 def test_existing_output_and_interrupted_run(tmp_path, monkeypatch):
     out = generate(tmp_path / "out", seed=1, **TINY)
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -153,7 +153,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_scenes: int = 10, sa
     scenes in parallel (default: up to 2 CPUs); the output does not depend on it.
 
     Raises:
-        ValueError: bad settings. FileExistsError: `out_dir` exists and `overwrite` is false.
+        ValueError: bad settings. FileExistsError: `out_dir` exists and `overwrite` is false, or it
+            is not empty and not a synthetic drive (it is never replaced then).
         PermissionError / OSError: the parent folder cannot be written.
     """
     cfg = SyntheticConfig(seed=int(seed), num_scenes=num_scenes, samples_per_scene=samples_per_scene,
@@ -166,6 +167,10 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, num_scenes: int = 10, sa
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; remove it or pass overwrite=True (--overwrite)")
+    if out.exists() and not (out / "synthetic.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # Never delete something we did not write (a real nuScenes copy, say).
+        raise FileExistsError(f"{out} exists and is not a synthetic drive written by this generator; "
+                              "refusing to replace it")
     parent = out.parent
     for p in (parent, *parent.parents):
         if p.exists():
