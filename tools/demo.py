@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     steps = build_steps(args.data, args.work_dir, args.config, args.version)
+    if args.force:
+        steps[0].args.append("--overwrite")  # regenerate even a drive made with the same settings
     missing = []
     for i, step in enumerate(steps, 1):
         tool = TOOLS / step.tool
