@@ -1,0 +1,339 @@
+"""Drive recordings of the synthetic drive, read back with rerun's dataframe API.
+
+The expected values come from the dataset and our own geometry (box corners, K·[R|t]), not from the
+recording code; the recording is written in rerun's strict mode, so any logging error raises.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rr = pytest.importorskip("rerun")
+pytest.importorskip("rerun.dataframe")
+
+from bevfusion.datasets.nuscenes import NuScenesDataset  # noqa: E402
+from bevfusion.datasets.transforms.loading import load_multisweep_points  # noqa: E402
+from bevfusion.structures.boxes import box_corners  # noqa: E402
+from bevfusion.utils.io import dump_pickle  # noqa: E402
+from bevfusion.visualization import FrameOptions, visualize_drive  # noqa: E402
+from bevfusion.visualization.colors import bev_map_image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "nuscenes" / "synthetic" / "fusion.yaml"
+THRESHOLD = 0.3
+MAX_POINTS = 4000
+SWEEPS = 2
+N_SAMPLES = 3
+
+
+@pytest.fixture(autouse=True)
+def strict_rerun():
+    before = rr.error_utils.strict_mode()
+    rr.set_strict_mode(True)
+    yield
+    rr.set_strict_mode(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(viz_infos):
+    root, written = viz_infos
+    return NuScenesDataset(root, written["val"])
+
+
+def fake_results(dataset, seed=0):
+    """Predictions = GT boxes nudged by 0.2 m, random scores (some below THRESHOLD), random map probabilities."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(len(dataset)):
+        ann = dataset.get_ann_info(i)
+        boxes = ann["gt_bboxes_3d"].copy()
+        boxes[:, 0] += 0.2
+        scores = rng.uniform(0, 1, len(boxes)).astype(np.float32)
+        records.append({"token": dataset.data_infos[i]["token"], "boxes_3d": boxes.astype(np.float32),
+                        "scores_3d": scores, "labels_3d": np.clip(ann["gt_labels_3d"], 0, None),
+                        "masks_bev": rng.uniform(0, 1, (6, 200, 200)).astype(np.float32)})
+    return records
+
+
+def _options(**kw):
+    return FrameOptions(sweeps_num=SWEEPS, max_points=MAX_POINTS, score_threshold=THRESHOLD, **kw)
+
+
+def read_table(path, index="sample"):
+    recording = rr.dataframe.load_recording(str(path))
+    table = recording.view(index=index, contents="/**").select().read_all()
+    return recording, table
+
+
+def column(table, entity, component):
+    name = f"/{entity}:{component}"
+    assert name in table.column_names, f"{name} missing; have {sorted(table.column_names)}"
+    return table.column(name).to_pylist()
+
+
+def mat3(cell):
+    """A logged Mat3x3 (rerun stores it column-major) as a numpy 3x3."""
+    return np.asarray(cell[0], dtype=np.float64).reshape(3, 3).T
+
+
+@pytest.fixture(scope="module")
+def recorded(dataset, tmp_path_factory):
+    """A recording of the first N_SAMPLES samples with fake predictions; GT maps rasterised from the map."""
+    before = rr.error_utils.strict_mode()
+    rr.set_strict_mode(True)
+    try:
+        out = tmp_path_factory.mktemp("viz") / "drive.rrd"
+        results = fake_results(dataset)
+        summary = visualize_drive(dataset, results=results, out=out, max_samples=N_SAMPLES,
+                                  frame_options=_options())
+    finally:
+        rr.set_strict_mode(before)
+    return out, results, summary
+
+
+def test_recording_has_the_drive(recorded, dataset):
+    out, results, summary = recorded
+    assert summary["path"] == out and out.is_file() and summary["samples"] == N_SAMPLES
+    recording, table = read_table(out)
+    assert table.column("sample").to_pylist() == list(range(N_SAMPLES))
+    entities = {c.entity_path for c in recording.schema().component_columns()}
+    expected = {"/world", "/world/ego", "/world/ego/lidar", "/world/ego/lidar/points", "/world/ego_trajectory",
+                "/world/ego/lidar/gt/boxes", "/world/ego/lidar/gt/velocity", "/world/ego/lidar/pred/boxes",
+                "/world/ego/lidar/pred/velocity", "/bev/gt/map", "/bev/pred/map", "/bev/gt/boxes", "/bev/pred/boxes"}
+    for cam in dataset.get_data_info(0)["camera_names"]:
+        expected |= {f"/world/ego/lidar/{cam}", f"/world/ego/lidar/{cam}/image"}
+    assert expected <= entities, sorted(expected - entities)
+
+    # one row per sample on the timestamp timeline too, at the samples' own times
+    _, by_time = read_table(out, index="timestamp")
+    stamps = [np.datetime64(t, "ns").astype(np.int64) for t in by_time.column("timestamp").to_pylist()]
+    assert stamps == [int(dataset.data_infos[i]["timestamp"]) * 1000 for i in range(N_SAMPLES)]
+
+    points = column(table, "world/ego/lidar/points", "Position3D")
+    gt_boxes = column(table, "world/ego/lidar/gt/boxes", "PoseTranslation3D")
+    gt_half = column(table, "world/ego/lidar/gt/boxes", "HalfSize3D")
+    pred_boxes = column(table, "world/ego/lidar/pred/boxes", "PoseTranslation3D")
+    pred_labels = column(table, "world/ego/lidar/pred/boxes", "Text")
+    arrows = column(table, "world/ego/lidar/pred/velocity", "Vector3D")
+    for i in range(N_SAMPLES):
+        cloud = load_multisweep_points(dataset.data_infos[i], dataset.dataset_root, sweeps_num=SWEEPS)
+        assert len(points[i]) == min(MAX_POINTS, len(cloud))
+        ann = dataset.get_ann_info(i)
+        assert len(gt_boxes[i]) == len(ann["gt_bboxes_3d"]) > 0
+        np.testing.assert_allclose(gt_boxes[i], ann["gt_bboxes_3d"][:, :3], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(gt_half[i]) * 2, ann["gt_bboxes_3d"][:, 3:6], atol=1e-4)
+        keep = results[i]["scores_3d"] >= THRESHOLD
+        assert 0 < keep.sum() < len(keep)  # the threshold really drops some
+        assert len(pred_boxes[i]) == len(arrows[i]) == keep.sum()
+        names = [dataset.object_classes[j] for j in results[i]["labels_3d"][keep]]
+        assert pred_labels[i] == [f"{n} {s:.2f}" for n, s in zip(names, results[i]["scores_3d"][keep])]
+        np.testing.assert_allclose(np.asarray(arrows[i])[:, :2], results[i]["boxes_3d"][keep, 7:9], atol=1e-5)
+
+
+def test_poses_and_cameras_match_the_calibration(recorded, dataset):
+    out, _, _ = recorded
+    _, table = read_table(out)
+    for i in range(N_SAMPLES):
+        data = dataset.get_data_info(i)
+        for entity, T in (("world/ego", data["ego2global"]), ("world/ego/lidar", data["lidar2ego"])):
+            np.testing.assert_allclose(mat3(column(table, entity, "TransformMat3x3")[i]), T[:3, :3], atol=1e-6)
+            np.testing.assert_allclose(column(table, entity, "Translation3D")[i][0], T[:3, 3], rtol=1e-6, atol=1e-3)
+        for k, cam in enumerate(data["camera_names"]):
+            entity = f"world/ego/lidar/{cam}"
+            T = data["camera2lidar"][k]
+            np.testing.assert_allclose(mat3(column(table, entity, "TransformMat3x3")[i]), T[:3, :3], atol=1e-6)
+            np.testing.assert_allclose(column(table, entity, "Translation3D")[i][0], T[:3, 3], atol=1e-5)
+            np.testing.assert_allclose(mat3(column(table, entity, "PinholeProjection")[i]),
+                                       data["camera_intrinsics"][k, :3, :3], rtol=1e-6)
+            assert column(table, entity, "Resolution")[i][0] == [400.0, 225.0]
+            blob = column(table, f"{entity}/image", "Blob")[i][0]
+            path = dataset.dataset_root / Path(data["image_paths"][k]).relative_to(Path(data["image_paths"][k]).parents[2]) \
+                if not os.path.isfile(data["image_paths"][k]) else Path(data["image_paths"][k])
+            assert bytes(blob) == path.read_bytes()
+    # the ego trajectory grows by one pose per sample of a scene
+    strips = column(table, "world/ego_trajectory", "LineStrip3D")
+    assert np.allclose(strips[0][0][-1], dataset.get_data_info(0)["ego2global"][:3, 3], atol=1e-3)
+
+
+def test_bev_maps(recorded, dataset):
+    out, results, _ = recorded
+    _, table = read_table(out)
+    fmt = column(table, "bev/pred/map", "ImageFormat")[0][0]
+    assert (fmt["width"], fmt["height"]) == (200, 200)
+    pred = np.frombuffer(bytes(column(table, "bev/pred/map", "ImageBuffer")[0][0]), np.uint8).reshape(200, 200, 3)
+    np.testing.assert_array_equal(pred, bev_map_image(results[0]["masks_bev"], dataset.map_classes, 0.5))
+    # GT maps were rasterised from the synthetic map expansion: some drivable area around the ego
+    gt = np.frombuffer(bytes(column(table, "bev/gt/map", "ImageBuffer")[0][0]), np.uint8).reshape(200, 200, 3)
+    assert (gt != 40).any()
+    # BEV box outlines: one strip per box, the last vertex at the box centre in image pixels
+    strips = column(table, "bev/gt/boxes", "LineStrip2D")[0]
+    boxes = dataset.get_ann_info(0)["gt_bboxes_3d"]
+    assert len(strips) == len(boxes)
+    u, v = strips[0][-1]
+    np.testing.assert_allclose([u, v], [(50 - boxes[0, 1]) / 0.5, (50 - boxes[0, 0]) / 0.5], atol=1e-3)
+
+
+def test_rrd_verify_accepts_the_file(recorded):
+    out, _, _ = recorded
+    exe = shutil.which("rerun") or str(Path(sys.executable).with_name("rerun"))
+    if not os.path.exists(exe):
+        pytest.skip("the rerun CLI is not installed")
+    proc = subprocess.run([exe, "rrd", "verify", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _project_with_our_math(lidar2image, points):
+    """Pixels of LiDAR-frame points through the dataset's lidar2image (K·[R|t] as 4x4)."""
+    hom = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ lidar2image.T
+    return hom[:, :2] / hom[:, 2:3], hom[:, 2]
+
+
+def test_box_projection_agrees_with_the_logged_pinhole(recorded, dataset):
+    """A GT box corner projected by our camera math and through the logged transform + pinhole agree."""
+    out, _, _ = recorded
+    _, table = read_table(out)
+    checked = 0
+    for i in range(N_SAMPLES):
+        data = dataset.get_data_info(i)
+        corners = box_corners(dataset.get_ann_info(i)["gt_bboxes_3d"]).reshape(-1, 3)
+        for k, cam in enumerate(data["camera_names"]):
+            ours, depth = _project_with_our_math(data["lidar2image"][k], corners)
+            entity = f"world/ego/lidar/{cam}"
+            R = mat3(column(table, entity, "TransformMat3x3")[i])  # camera → LiDAR (parent from child)
+            t = np.asarray(column(table, entity, "Translation3D")[i][0], dtype=np.float64)
+            K = mat3(column(table, entity, "PinholeProjection")[i])
+            w, h = column(table, entity, "Resolution")[i][0]
+            in_camera = (corners - t) @ R  # R^T (p - t), row-vector form
+            pix = in_camera @ K.T
+            theirs = pix[:, :2] / pix[:, 2:3]
+            visible = (depth > 1.0) & (ours[:, 0] >= 0) & (ours[:, 0] < w) & (ours[:, 1] >= 0) & (ours[:, 1] < h)
+            np.testing.assert_allclose(in_camera[:, 2], depth, atol=1e-3)
+            np.testing.assert_allclose(theirs[visible], ours[visible], atol=0.05)
+            checked += int(visible.sum())
+    assert checked > 20  # boxes really are in view
+
+
+def test_unknown_samples_only_is_an_error_and_writes_nothing(dataset, tmp_path):
+    results = fake_results(dataset)[:2]
+    for r in results:
+        r["token"] = "not-a-sample-" + r["token"]
+    path = tmp_path / "results.pkl"
+    dump_pickle(results, path)
+    out = tmp_path / "drive.rrd"
+    with pytest.raises(ValueError, match="none of its 2 samples"):
+        visualize_drive(dataset, results=path, out=out, frame_options=_options(gt_maps=False))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_some_unknown_samples_warn(dataset, tmp_path, caplog):
+    results = fake_results(dataset)[:2]
+    results.append({**results[0], "token": "ghost"})
+    out = tmp_path / "drive.rrd"
+    with caplog.at_level(logging.WARNING, logger="bevfusion"):
+        summary = visualize_drive(dataset, results=results, out=out, frame_options=_options(gt_maps=False))
+    assert summary["samples"] == 2 and out.is_file()
+    assert any("1 of 3 records are for samples not in" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"boxes_3d": np.zeros((3, 5))}, r"boxes_3d has shape \(3, 5\)"),
+    ({"scores_3d": np.zeros(1)}, "but 1 scores"),
+    ({"masks_bev": np.zeros((2, 200, 200))}, r"masks_bev has shape \(2, 200, 200\)"),
+])
+def test_malformed_results_are_refused_before_writing(dataset, tmp_path, bad, match):
+    results = fake_results(dataset)[:2]
+    results[1] = {**results[1], **bad}
+    out = tmp_path / "drive.rrd"
+    with pytest.raises(ValueError, match=f"sample {results[1]['token']}: .*{match}"):
+        visualize_drive(dataset, results=results, out=out, frame_options=_options(gt_maps=False))
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_image_is_a_warning_and_the_camera_stays(viz_infos, tmp_path, caplog):
+    root, written = viz_infos
+    ds = NuScenesDataset(root, written["val"])
+    ds.data_infos[1]["cams"]["CAM_BACK"]["data_path"] = "/nowhere/samples/CAM_BACK/missing.jpg"
+    out = tmp_path / "drive.rrd"
+    with caplog.at_level(logging.WARNING, logger="bevfusion"):
+        summary = visualize_drive(ds, out=out, max_samples=2, frame_options=_options(gt_maps=False))
+    assert summary["warnings"] == 1
+    assert any("CAM_BACK" in r.getMessage() and "missing.jpg" in r.getMessage() for r in caplog.records)
+    _, table = read_table(out)
+    blobs = column(table, "world/ego/lidar/CAM_BACK/image", "Blob")
+    assert blobs[0] and not blobs[1]  # cleared at sample 1, not the stale image of sample 0
+    assert column(table, "world/ego/lidar/CAM_BACK", "PinholeProjection")[1] is not None
+    assert any("missing.jpg" in str(m) for m in column(table, "logs", "Text") if m)
+
+
+def test_failure_half_way_leaves_no_file(dataset, tmp_path, monkeypatch):
+    from bevfusion.visualization import recording
+
+    out = tmp_path / "drive.rrd"
+    out.write_bytes(b"previous recording")
+    calls = []
+    original = recording.DriveLogger.log
+
+    def failing(self, frame):
+        calls.append(frame.token)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        original(self, frame)
+
+    monkeypatch.setattr(recording.DriveLogger, "log", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        visualize_drive(dataset, out=out, frame_options=_options(gt_maps=False))
+    assert out.read_bytes() == b"previous recording"
+    assert [p.name for p in tmp_path.iterdir()] == ["drive.rrd"]  # no temp file left behind
+
+
+def test_blueprint_lays_out_3d_bev_and_cameras():
+    from bevfusion.visualization.recording import make_blueprint
+
+    cams = ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
+    views = []
+
+    def walk(node):
+        contents = getattr(node, "contents", None)
+        if isinstance(contents, (list, tuple)) and not hasattr(node, "origin"):
+            for child in contents:
+                walk(child)
+        else:
+            views.append(node)
+
+    walk(make_blueprint(cams).root_container)
+    origins = {str(v.origin): v for v in views}
+    assert set(origins) == {"world", "bev/gt", "bev/pred"} | {f"world/ego/lidar/{c}" for c in cams}
+    assert type(origins["world"]).__name__ == "Spatial3DView"
+    front = origins["world/ego/lidar/CAM_FRONT"]
+    assert "/world/ego/lidar/gt/boxes" in front.contents and "/world/ego/lidar/pred/boxes" in front.contents
+
+
+def test_cli_writes_a_recording_and_reports_bad_results(viz_infos, dataset, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("visualize_tool", REPO / "tools" / "visualize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root, written = viz_infos
+    results = tmp_path / "results.pkl"
+    dump_pickle(fake_results(dataset)[:1], results)
+    common = [str(CONFIG), "--set", f"dataset_root={root}/", f"data.val.ann_file={written['val']}",
+              "--sweeps", "1", "--max-points", "1000", "--no-gt-map", "--score-threshold", "0.5"]
+    out = tmp_path / "drive.rrd"
+    assert tool.main(common + ["--results", str(results), "--out", str(out)]) == 0
+    _, table = read_table(out)
+    assert table.num_rows == 1
+    assert len(column(table, "world/ego/lidar/points", "Position3D")[0]) == 1000
+
+    bad = tmp_path / "bad.pkl"
+    dump_pickle([{"token": "ghost", "boxes_3d": np.zeros((0, 9))}], bad)
+    out2 = tmp_path / "bad.rrd"
+    assert tool.main(common + ["--results", str(bad), "--out", str(out2)]) == 1
+    assert not out2.exists()
