@@ -55,11 +55,12 @@ def _clip(px, py, n, nx: tl.constexpr, ny: tl.constexpr, h, slot):
 
 
 @triton.jit
-def _iou_kernel(a_ptr, b_ptr, out_ptr, M, K, ALIGNED: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-    """a: (M, 5), b: (K, 5) rows (x, y, dx, dy, yaw), contiguous, compute dtype."""
+def _iou_kernel(a_ptr, b_ptr, out_ptr, total, K, ALIGNED: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    """a: (M, 5), b: (K, 5) rows (x, y, dx, dy, yaw), contiguous, compute dtype; total = M*K (M if aligned),
+    passed from the host so that it is int64 when large (and no `.to` on an argument that Triton may
+    specialise to the constant 1)."""
     ct = tl.float64 if F64 else tl.float32
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = M if ALIGNED else M * K
     live = idx < total
     if ALIGNED:
         i = idx
@@ -153,7 +154,7 @@ def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Te
     m, k = ra.shape[0], rb.shape[0]
     out = torch.empty((m,) if aligned else (m, k), dtype=ct, device=a.device)
     if out.numel():
-        _iou_kernel[(triton.cdiv(out.numel(), BLOCK_PAIRS),)](ra, rb, out, m, k, ALIGNED=aligned,
+        _iou_kernel[(triton.cdiv(out.numel(), BLOCK_PAIRS),)](ra, rb, out, out.numel(), k, ALIGNED=aligned,
                                                                F64=ct == torch.float64, BLOCK=BLOCK_PAIRS)
     return out.to(a.dtype)
 

@@ -34,11 +34,11 @@ def _div(a, b, F64: tl.constexpr):
 
 
 @triton.jit
-def _cells_kernel(p_ptr, stride_p, stride_f, cells_ptr, keys_ptr, P, prm_ptr, nx, ny, nz,
+def _cells_kernel(p_ptr, stride_p, stride_f, cells_ptr, keys_ptr, P, prm_ptr, nx, ny, nz, outside_key,
                   F64: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = i < P
-    row = p_ptr + i.to(tl.int64) * stride_p
+    row = p_ptr + i * stride_p
     ct = tl.float64 if F64 else tl.float32
     x = tl.load(row, mask=live, other=0).to(ct)
     y = tl.load(row + stride_f, mask=live, other=0).to(ct)
@@ -52,7 +52,7 @@ def _cells_kernel(p_ptr, stride_p, stride_f, cells_ptr, keys_ptr, P, prm_ptr, nx
     iy = tl.where(inside, cy, -1.0).to(tl.int32)
     iz = tl.where(inside, cz, -1.0).to(tl.int32)
     key = (ix.to(tl.int64) * ny + iy) * nz + iz
-    key = tl.where(inside, key, nx.to(tl.int64) * ny * nz)
+    key = tl.where(inside, key, outside_key)  # the grid volume, from the host (no `.to` on an argument)
     tl.store(cells_ptr + i * 3, ix, mask=live)
     tl.store(cells_ptr + i * 3 + 1, iy, mask=live)
     tl.store(cells_ptr + i * 3 + 2, iz, mask=live)
@@ -79,7 +79,7 @@ def cells_and_keys(points: torch.Tensor, voxel_size, point_range):
         prm = torch.tensor([float(v) for v in point_range[:3]] + [float(v) for v in voxel_size],
                            dtype=compute_dtype(points.dtype), device=points.device)
         _cells_kernel[(triton.cdiv(p, BLOCK),)](
-            points, points.stride(0), points.stride(1), cells, keys, p, prm, nx, ny, nz,
+            points, points.stride(0), points.stride(1), cells, keys, p, prm, nx, ny, nz, nx * ny * nz,
             F64=points.dtype == torch.float64, BLOCK=BLOCK)
     return cells, keys
 
