@@ -157,9 +157,37 @@ def test_poses_and_cameras_match_the_calibration(recorded, dataset):
             path = dataset.dataset_root / Path(data["image_paths"][k]).relative_to(Path(data["image_paths"][k]).parents[2]) \
                 if not os.path.isfile(data["image_paths"][k]) else Path(data["image_paths"][k])
             assert bytes(blob) == path.read_bytes()
-    # the ego trajectory grows by one pose per sample of a scene
-    strips = column(table, "world/ego_trajectory", "LineStrip3D")
-    assert np.allclose(strips[0][0][-1], dataset.get_data_info(0)["ego2global"][:3, 3], atol=1e-3)
+    # the ego trajectory grows by one pose per sample of a scene and restarts with the next scene
+    # (val samples 0, 1 are scene-0103, sample 2 is scene-0916)
+    strips = [np.asarray(s[0]) for s in column(table, "world/ego_trajectory", "LineStrip3D")]
+    positions = [dataset.get_data_info(i)["ego2global"][:3, 3] for i in range(N_SAMPLES)]
+    np.testing.assert_allclose(strips[0], [positions[0], positions[0]], atol=1e-3)
+    np.testing.assert_allclose(strips[1], [positions[0], positions[1]], atol=1e-3)
+    np.testing.assert_allclose(strips[2], [positions[2], positions[2]], atol=1e-3)
+
+
+def test_scene_selection(dataset, tmp_path):
+    from bevfusion.visualization.frames import sample_scenes, select_samples
+
+    table = sample_scenes(dataset.dataset_root, dataset.version)
+    names = [table[info["token"]][1] for info in dataset.data_infos]
+    assert names == ["scene-0103", "scene-0103", "scene-0916", "scene-0916"]
+    scene_token = table[dataset.data_infos[2]["token"]][0]
+    assert select_samples(dataset, ["scene-0916"])[0] == [2, 3]
+    assert select_samples(dataset, [scene_token], max_samples=1)[0] == [2]
+    with pytest.raises(ValueError, match="scene-9999"):
+        select_samples(dataset, ["scene-9999"])
+    with pytest.raises(ValueError, match="no sample of"):
+        select_samples(dataset, ["scene-0061"])  # a train scene
+
+    out = tmp_path / "scene.rrd"
+    summary = visualize_drive(dataset, out=out, scenes=["scene-0916"], frame_options=_options(gt_maps=False))
+    assert summary["samples"] == 2
+    _, by_time = read_table(out, index="timestamp")
+    stamps = [np.datetime64(t, "ns").astype(np.int64) for t in by_time.column("timestamp").to_pylist()]
+    assert stamps == [int(dataset.data_infos[i]["timestamp"]) * 1000 for i in (2, 3)]
+    # without predictions the pred entities are never logged; the GT boxes are
+    assert column(by_time, "world/ego/lidar/gt/boxes", "PoseTranslation3D")[1]
 
 
 def test_bev_maps(recorded, dataset):
