@@ -365,3 +365,42 @@ def test_cli_writes_a_recording_and_reports_bad_results(viz_infos, dataset, tmp_
     out2 = tmp_path / "bad.rrd"
     assert tool.main(common + ["--results", str(bad), "--out", str(out2)]) == 1
     assert not out2.exists()
+
+
+def test_missing_lidar_files_are_warnings(viz_infos, tmp_path, caplog):
+    root, written = viz_infos
+    ds = NuScenesDataset(root, written["val"])
+    assert ds.data_infos[0]["sweeps"]
+    ds.data_infos[0]["sweeps"][0]["data_path"] = "/nowhere/sweeps/LIDAR_TOP/gone.pcd.bin"
+    ds.data_infos[1]["lidar_path"] = "/nowhere/samples/LIDAR_TOP/gone.pcd.bin"
+    out = tmp_path / "drive.rrd"
+    opts = FrameOptions(sweeps_num=SWEEPS, max_points=None, gt_maps=False, images=False)
+    with caplog.at_level(logging.WARNING, logger="bevfusion"):
+        summary = visualize_drive(ds, out=out, max_samples=2, frame_options=opts)
+    assert summary["warnings"] == 2
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "showing the keyframe only" in messages and "no LiDAR points" in messages
+    _, table = read_table(out)
+    points = column(table, "world/ego/lidar/points", "Position3D")
+    keyframe = load_multisweep_points({**ds.data_infos[0], "sweeps": []}, root, sweeps_num=0)
+    assert len(points[0]) == len(keyframe) and not points[1]
+    # images=False: calibrations only
+    assert "/world/ego/lidar/CAM_FRONT/image:Blob" not in table.column_names
+    assert column(table, "world/ego/lidar/CAM_FRONT", "PinholeProjection")[1]
+
+
+def test_predict_callable_runs_on_the_chosen_samples(dataset, tmp_path):
+    """Checkpoint mode: the prediction hook gets the selected indices and its records are shown."""
+    seen = []
+
+    def predict(indices):
+        seen.append(list(indices))
+        return [r for r in fake_results(dataset) if r["token"] in {dataset.data_infos[i]["token"] for i in indices}]
+
+    out = tmp_path / "drive.rrd"
+    visualize_drive(dataset, out=out, scenes=["scene-0916"], predict=predict,
+                    frame_options=_options(gt_maps=False, images=False))
+    assert seen == [[2, 3]]
+    _, table = read_table(out)
+    expected = [int((fake_results(dataset)[i]["scores_3d"] >= THRESHOLD).sum()) for i in (2, 3)]
+    assert [len(b) for b in column(table, "world/ego/lidar/pred/boxes", "PoseTranslation3D")] == expected
