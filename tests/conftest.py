@@ -34,3 +34,18 @@ def synthetic_root(tmp_path_factory):
 
     return generate(tmp_path_factory.mktemp("synthetic") / "nuscenes", seed=0, num_scenes=10, samples_per_scene=2,
                     image_size=(400, 225), lidar_azimuth_steps=540, workers=1, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def converted(synthetic_root, tmp_path_factory):
+    """Info files and the GT database of the synthetic drive, made once per session:
+    (dataset root, folder with the pickles, {split: info path}, dbinfos path, NuScenes)."""
+    pytest.importorskip("nuscenes")
+    from nuscenes import NuScenes
+
+    from bevfusion.datasets.converters.nuscenes import create_groundtruth_database, create_nuscenes_infos
+
+    out = tmp_path_factory.mktemp("infos")
+    written = create_nuscenes_infos(synthetic_root, "v1.0-mini", out, max_sweeps=10)
+    db = create_groundtruth_database(synthetic_root, written["train"], out)
+    return synthetic_root, out, written, db, NuScenes("v1.0-mini", str(synthetic_root), verbose=False)

@@ -112,12 +112,39 @@ def evaluate_detection(result_path: str | os.PathLike, dataroot: str | os.PathLi
     """
     from nuscenes import NuScenes
     from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.common.data_classes import EvalBoxes
     from nuscenes.eval.detection.evaluate import DetectionEval
+    from nuscenes.utils.splits import create_splits_scenes
 
     nusc = nusc or NuScenes(version=version, dataroot=os.fspath(dataroot), verbose=verbose)
+    # The devkit insists on predictions for every sample of the split. When fewer were run (a
+    # subsampled val set), pad the submission and then score only the samples that were run.
+    submission = json.loads(Path(result_path).read_text())
+    run = set(submission["results"])
+    scenes = set(create_splits_scenes()[eval_set])
+    split_tokens = {s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes}
+    subset = run != split_tokens
+    if subset:
+        extra = run - split_tokens
+        if extra:
+            raise ValueError(f"{len(extra)} predicted samples are not in the {eval_set} split, e.g. {sorted(extra)[0]}")
+        submission["results"].update({t: [] for t in split_tokens - run})
+        result_path = Path(output_dir) / "results_padded.json"
+        write_submission(submission, result_path)
     evaluator = DetectionEval(nusc, config=config_factory("detection_cvpr_2019"),
                               result_path=os.fspath(result_path), eval_set=eval_set,
                               output_dir=os.fspath(output_dir), verbose=verbose)
+    if subset:
+        from bevfusion.utils.logging import get_logger
+
+        get_logger("evaluation").warning("detection metrics cover %d of the %d %s samples (the ones run)",
+                                         len(run), len(split_tokens), eval_set)
+        for name in ("gt_boxes", "pred_boxes"):
+            full, kept = getattr(evaluator, name), EvalBoxes()
+            for token in run:
+                kept.add_boxes(token, full[token])
+            setattr(evaluator, name, kept)
+        evaluator.sample_tokens = evaluator.gt_boxes.sample_tokens
     return evaluator.main(plot_examples=0, render_curves=False)
 
 
