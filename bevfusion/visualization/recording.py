@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bevfusion.structures.boxes import box_corners
+from bevfusion.utils.logging import get_logger
 from bevfusion.visualization.colors import bev_map_image, class_color, point_colors
 from bevfusion.visualization.frames import BEV_XBOUND, BEV_YBOUND, Frame
 
@@ -40,6 +41,7 @@ __all__ = ["LogOptions", "DriveLogger", "make_blueprint", "write_rrd", "CAMERA_G
 CAMERA_GRID_ORDER = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 
 LIDAR = "world/ego/lidar"
+log = get_logger("visualization")
 BOX_GROUPS = ("gt", "pred")
 
 
@@ -163,7 +165,8 @@ class DriveLogger:
 
     def _log_boxes(self, group: str, boxes: np.ndarray | None, names: list[str], scores: np.ndarray | None) -> None:
         rr, rec = self.rr, self.rec
-        if boxes is None:
+        if boxes is None or len(boxes) == 0:
+            # rerun drops empty batches, so an empty frame must clear the previous frame's boxes
             rec.log(f"{LIDAR}/{group}", rr.Clear(recursive=True))
             return
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
@@ -196,12 +199,11 @@ class DriveLogger:
             rec.log(f"bev/{group}/map", rr.Clear(recursive=False))
         else:
             rec.log(f"bev/{group}/map", rr.Image(bev_map_image(masks, self.map_classes, threshold)))
-        if boxes is None:
+        if boxes is None or len(boxes) == 0:
             rec.log(f"bev/{group}/boxes", rr.Clear(recursive=False))
             return
         colors = np.array([class_color(n) for n in names], dtype=np.uint8).reshape(-1, 3)
-        rec.log(f"bev/{group}/boxes", rr.LineStrips2D(list(bev_box_strips(boxes)) if len(boxes) else [],
-                                                       colors=colors))
+        rec.log(f"bev/{group}/boxes", rr.LineStrips2D(list(bev_box_strips(boxes)), colors=colors))
 
 
 def make_blueprint(camera_names: Iterable[str]):
@@ -279,6 +281,7 @@ def stream_live(frames: Iterable[Frame], map_classes: Sequence[str], camera_name
     elif mode == "serve":
         url = rec.serve_grpc(default_blueprint=blueprint)
         rr.serve_web_viewer(connect_to=url, open_browser=False)
+        log.info("serving at %s: open the web viewer on http://localhost:9090 or run `rerun --connect %s`", url, url)
     else:
         raise ValueError(f"mode must be 'spawn' or 'serve', not {mode!r}")
     logger = DriveLogger(rec, map_classes, options)

@@ -404,3 +404,16 @@ def test_predict_callable_runs_on_the_chosen_samples(dataset, tmp_path):
     _, table = read_table(out)
     expected = [int((fake_results(dataset)[i]["scores_3d"] >= THRESHOLD).sum()) for i in (2, 3)]
     assert [len(b) for b in column(table, "world/ego/lidar/pred/boxes", "PoseTranslation3D")] == expected
+
+
+def test_a_frame_without_boxes_clears_the_previous_boxes(dataset, tmp_path):
+    results = fake_results(dataset)[:2]
+    results[1]["scores_3d"][:] = 0.0  # nothing survives the threshold in sample 1
+    out = tmp_path / "drive.rrd"
+    visualize_drive(dataset, results=results, out=out, frame_options=_options(gt_maps=False, images=False))
+    _, table = read_table(out)
+    pred = column(table, "world/ego/lidar/pred/boxes", "PoseTranslation3D")
+    bev = column(table, "bev/pred/boxes", "LineStrip2D")
+    assert len(pred[0]) == (results[0]["scores_3d"] >= THRESHOLD).sum() > 0 and len(bev[0]) == len(pred[0])
+    assert not pred[1] and not bev[1]
+    assert not column(table, "world/ego/lidar/pred/velocity", "Vector3D")[1]
