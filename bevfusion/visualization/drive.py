@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bevfusion.utils.logging import get_logger, progress
-from bevfusion.visualization.frames import (FrameOptions, _MapRasteriser, load_frame, load_results,
+from bevfusion.visualization.frames import (FrameOptions, MapRasteriser, load_frame, load_results,
                                             select_samples)
 from bevfusion.visualization.recording import LogOptions, stream_live, write_rrd
 
@@ -65,7 +65,7 @@ def visualize_drive(dataset, *, results: str | os.PathLike | Sequence[Mapping[st
         raise ValueError(f"no samples to show from {base.ann_file}")
     if predict is not None:
         indexed = load_results(predict(indices), base)
-    rasterise = _MapRasteriser(base.dataset_root, base.map_classes) if frame_options.gt_maps else None
+    rasterise = MapRasteriser(base.dataset_root, base.map_classes) if frame_options.gt_maps else None
     camera_names = list(base.get_data_info(indices[0])["camera_names"])
     warnings = 0
 

@@ -19,8 +19,8 @@ from bevfusion.datasets.transforms.loading import load_multisweep_points, resolv
 from bevfusion.utils.io import load_pickle
 from bevfusion.utils.logging import get_logger
 
-__all__ = ["CameraView", "Frame", "FrameOptions", "load_results", "select_samples", "sample_scenes", "load_frame",
-           "BEV_XBOUND", "BEV_YBOUND"]
+__all__ = ["CameraView", "Frame", "FrameOptions", "MapRasteriser", "load_results", "select_samples", "sample_scenes",
+           "load_frame", "BEV_XBOUND", "BEV_YBOUND"]
 
 log = get_logger("visualization")
 
@@ -227,23 +227,28 @@ def _names(labels: np.ndarray, classes: Sequence[str]) -> list[str]:
     return [classes[j] if 0 <= j < len(classes) else f"class_{j}" for j in labels.tolist()]
 
 
-class _MapRasteriser:
-    """GT BEV masks from the map expansion, switched off (with one warning) when no map can be read."""
+class MapRasteriser:
+    """GT BEV masks (C, X, Y) from the map expansion over BEV_XBOUND / BEV_YBOUND.
+
+    A location whose map cannot be read is reported once and then skipped (its frames get no GT map).
+    """
 
     def __init__(self, dataset_root: str, classes: Sequence[str]):
         from bevfusion.datasets.transforms.bev_seg import LoadBEVSegmentation
 
         self.transform = LoadBEVSegmentation(dataset_root, BEV_XBOUND, BEV_YBOUND, classes)
-        self.enabled = True
+        self.failed: set[str | None] = set()
 
     def __call__(self, data: dict[str, Any]) -> np.ndarray | None:
-        if not self.enabled:
+        location = data.get("location")
+        if location in self.failed:
             return None
         try:
-            return self.transform({k: data[k] for k in ("token", "location", "lidar2ego", "ego2global")})["gt_masks_bev"]
+            keys = ("token", "location", "lidar2ego", "ego2global")
+            return self.transform({k: data.get(k) for k in keys})["gt_masks_bev"]
         except (KeyError, FileNotFoundError, OSError, ValueError) as exc:
-            log.warning("GT map masks are left out: %s", exc)
-            self.enabled = False
+            log.warning("GT map masks of location %r are left out: %s", location, exc)
+            self.failed.add(location)
             return None
 
 

@@ -35,7 +35,7 @@ from bevfusion.utils.logging import get_logger
 from bevfusion.visualization.colors import bev_map_image, class_color, point_colors
 from bevfusion.visualization.frames import BEV_XBOUND, BEV_YBOUND, Frame
 
-__all__ = ["LogOptions", "DriveLogger", "make_blueprint", "write_rrd", "CAMERA_GRID_ORDER"]
+__all__ = ["LogOptions", "DriveLogger", "make_blueprint", "write_rrd", "stream_live", "CAMERA_GRID_ORDER"]
 
 # Cameras laid out as they sit on the car: front row left to right, then back row.
 CAMERA_GRID_ORDER = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")

@@ -19,7 +19,7 @@ rr = pytest.importorskip("rerun")
 pytest.importorskip("rerun.dataframe")
 
 from bevfusion.datasets.nuscenes import NuScenesDataset  # noqa: E402
-from bevfusion.datasets.transforms.loading import load_multisweep_points  # noqa: E402
+from bevfusion.datasets.transforms.loading import load_multisweep_points, resolve_data_path  # noqa: E402
 from bevfusion.structures.boxes import box_corners  # noqa: E402
 from bevfusion.utils.io import dump_pickle  # noqa: E402
 from bevfusion.visualization import FrameOptions, visualize_drive  # noqa: E402
@@ -154,9 +154,8 @@ def test_poses_and_cameras_match_the_calibration(recorded, dataset):
                                        data["camera_intrinsics"][k, :3, :3], rtol=1e-6)
             assert column(table, entity, "Resolution")[i][0] == [400.0, 225.0]
             blob = column(table, f"{entity}/image", "Blob")[i][0]
-            path = dataset.dataset_root / Path(data["image_paths"][k]).relative_to(Path(data["image_paths"][k]).parents[2]) \
-                if not os.path.isfile(data["image_paths"][k]) else Path(data["image_paths"][k])
-            assert bytes(blob) == path.read_bytes()
+            path = resolve_data_path(data["image_paths"][k], dataset.dataset_root)
+            assert bytes(blob) == Path(path).read_bytes()  # the JPEG as stored
     # the ego trajectory grows by one pose per sample of a scene and restarts with the next scene
     # (val samples 0, 1 are scene-0103, sample 2 is scene-0916)
     strips = [np.asarray(s[0]) for s in column(table, "world/ego_trajectory", "LineStrip3D")]
@@ -417,3 +416,17 @@ def test_a_frame_without_boxes_clears_the_previous_boxes(dataset, tmp_path):
     assert len(pred[0]) == (results[0]["scores_3d"] >= THRESHOLD).sum() > 0 and len(bev[0]) == len(pred[0])
     assert not pred[1] and not bev[1]
     assert not column(table, "world/ego/lidar/pred/velocity", "Vector3D")[1]
+
+
+def test_unreadable_map_location_is_a_warning(viz_infos, tmp_path, caplog):
+    root, written = viz_infos
+    ds = NuScenesDataset(root, written["val"])
+    ds.data_infos[0]["location"] = "atlantis"
+    out = tmp_path / "drive.rrd"
+    opts = FrameOptions(sweeps_num=0, max_points=100, images=False, gt_maps=True)
+    with caplog.at_level(logging.WARNING, logger="bevfusion"):
+        visualize_drive(ds, out=out, max_samples=2, frame_options=opts)
+    assert any("'atlantis'" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    _, table = read_table(out)
+    maps = column(table, "bev/gt/map", "ImageBuffer")
+    assert not maps[0] and maps[1]  # the other sample's location still has its map
