@@ -455,7 +455,7 @@ print("compiled", n)
 @pytest.mark.parametrize("which,count", [("points", 2), pytest.param("iou", 4, marks=pytest.mark.slow)])
 def test_triton_kernels_compile_for_sm90(which, count, tmp_path):
     """The interpreter does not type-check like the compiler: compile the kernels to sm_90 (no GPU
-    needed). The IoU kernel takes ~40 s per variant to compile on the dev machine: marked slow."""
+    needed). The IoU kernel takes 40-90 s per variant to compile on the dev machine: marked slow."""
     import os
     import subprocess
     import sys
