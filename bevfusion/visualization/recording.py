@@ -155,7 +155,7 @@ class DriveLogger:
 
     def _log_points(self, frame: Frame) -> None:
         rr = self.rr
-        if frame.points is None:
+        if frame.points is None or len(frame.points) == 0:
             self.rec.log(f"{LIDAR}/points", rr.Clear(recursive=False))
             return
         pts = frame.points
