@@ -430,3 +430,31 @@ def test_unreadable_map_location_is_a_warning(viz_infos, tmp_path, caplog):
     _, table = read_table(out)
     maps = column(table, "bev/gt/map", "ImageBuffer")
     assert not maps[0] and maps[1]  # the other sample's location still has its map
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_mode_runs_the_model(viz_infos, tmp_path):
+    """--checkpoint: a randomly initialised synthetic fusion model runs on the shown sample."""
+    import importlib.util
+
+    import torch
+
+    from bevfusion.config import load_config
+    from bevfusion.models import build_model
+
+    root, written = viz_infos
+    overrides = [f"dataset_root={root}/", f"data.val.ann_file={written['val']}"]
+    torch.manual_seed(0)
+    ckpt = tmp_path / "random.pth"
+    torch.save({"state_dict": build_model(load_config(CONFIG, overrides).model).state_dict()}, ckpt)
+    spec = importlib.util.spec_from_file_location("visualize_tool", REPO / "tools" / "visualize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "drive.rrd"
+    argv = [str(CONFIG), "--set", *overrides, "--checkpoint", str(ckpt), "--max-samples", "1", "--sweeps", "1",
+            "--max-points", "500", "--no-images", "--score-threshold", "0", "--device", "cpu", "--out", str(out)]
+    assert tool.main(argv) == 0
+    _, table = read_table(out)
+    assert table.num_rows == 1
+    assert len(column(table, "world/ego/lidar/pred/boxes", "PoseTranslation3D")[0]) > 0
+    assert column(table, "bev/pred/map", "ImageBuffer")[0]
