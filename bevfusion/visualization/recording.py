@@ -226,7 +226,6 @@ def make_blueprint(camera_names: Iterable[str]):
             rrb.Grid(*cameras, grid_columns=3),
             row_shares=[3, 2],
         ),
-        rrb.TimePanel(state="collapsed"),
         collapse_panels=False,
     )
 
