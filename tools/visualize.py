@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = visualize_drive(dataset, results=args.results, out=args.out, mode=mode, scenes=args.scenes,
                                   max_samples=args.max_samples, frame_options=frame_options,
                                   log_options=log_options, predict=predict)
-    except (ValueError, FileNotFoundError, KeyError, pickle.UnpicklingError) as exc:
+    except (ValueError, OSError, KeyError, pickle.UnpicklingError) as exc:
         log.error("%s", exc)
         return 1
     done = f"{summary['samples']} samples ({summary['warnings']} warnings)"
