@@ -32,17 +32,18 @@ class Step:
 def build_steps(data: Path, work: Path, config: Path, version: str) -> list[Step]:
     ckpt = work / "latest.pth"
     results = work / "results.pkl"
+    root = ["--set", f"dataset_root={data.as_posix().rstrip('/')}/"]  # the config reads the drive from here
     return [
         Step("generate the synthetic drive", "make_synthetic.py",
              ["--out", str(data), "--seed", "0"], data / version),
         Step("create info files", "create_data.py",
              ["nuscenes", "--root-path", str(data), "--version", version, "--out-dir", str(data)],
              data / "nuscenes_infos_val.pkl"),
-        Step("train", "train.py", [str(config), "--work-dir", str(work)], ckpt),
-        Step("evaluate", "test.py", [str(config), str(ckpt), "--eval", "bbox", "map", "--out", str(results)],
+        Step("train", "train.py", [str(config), "--work-dir", str(work), *root], ckpt),
+        Step("evaluate", "test.py", [str(config), str(ckpt), "--eval", "bbox", "map", "--out", str(results), *root],
              None),
         Step("visualize", "visualize.py",
-             [str(config), "--results", str(results), "--out", str(work / "drive.rrd")], None),
+             [str(config), "--results", str(results), "--out", str(work / "drive.rrd"), *root], None),
     ]
 
 
