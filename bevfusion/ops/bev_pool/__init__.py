@@ -24,10 +24,11 @@ this skips the official `permute(...).contiguous()` copy. Call `.contiguous()` i
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
+
+from bevfusion.ops._dispatch import resolve_impl
 
 from .plan import BevPoolPlan, _check_grid, bev_pool_plan, check_coords
 from .reference import bev_pool_reference, lift_reference, pool_cells_reference
@@ -50,20 +51,7 @@ def _check_float(name: str, t) -> None:
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"bev_pool: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if impl == "cpu" and device.type != "cpu":
-        raise ValueError(f"bev_pool: impl='cpu' needs CPU tensors, got {device}")
-    if impl == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise ValueError("bev_pool: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before "
-                             "importing triton); use impl='cpu' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"bev_pool: impl='triton' supports CUDA tensors, got {device}")
-    return impl
-
+    return resolve_impl("bev_pool", impl, device, IMPLS)
 
 def _check_plan(plan, device: torch.device) -> None:
     if not isinstance(plan, BevPoolPlan):

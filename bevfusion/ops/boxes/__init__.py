@@ -29,10 +29,11 @@ torch only.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
+
+from bevfusion.ops._dispatch import has_numba, resolve_impl
 
 from .reference import (box_corners_3d, box_corners_bev, circle_nms_reference, descending_order,
                         nms_bev_reference, points_in_boxes_reference, rotated_iou_bev_reference)
@@ -82,28 +83,11 @@ def _check_max(op: str, name: str, v) -> Optional[int]:
     return v
 
 
+_has_numba = has_numba  # module attribute, so a test can simulate a machine without numba
+
+
 def _resolve_impl(op: str, impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if impl == "cpu" and device.type != "cpu":
-        raise ValueError(f"{op}: impl='cpu' needs CPU tensors, got {device}")
-    if impl == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing "
-                             "triton); use impl='cpu' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{op}: impl='triton' supports CUDA tensors, got {device}")
-    return impl
-
-
-def _has_numba() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return resolve_impl(op, impl, device, IMPLS)
 
 
 def _iou_2d(a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str) -> torch.Tensor:

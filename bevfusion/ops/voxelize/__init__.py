@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Sequence, Union
 
 import torch
+
+from bevfusion.ops._dispatch import has_numba, resolve_impl
 from torch import nn
 
 from .reference import grid_size as _grid_size
@@ -89,28 +90,11 @@ def _check_int(name: str, v, lo: int) -> int:
     return v
 
 
+_has_numba = has_numba  # module attribute, so a test can simulate a machine without numba
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"voxelize: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if impl == "cpu" and device.type != "cpu":
-        raise ValueError(f"voxelize: impl='cpu' needs CPU tensors, got {device}")
-    if impl == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise ValueError("voxelize: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing "
-                             "triton); use impl='cpu' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"voxelize: impl='triton' supports CUDA tensors, got {device}")
-    return impl
-
-
-def _has_numba() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return resolve_impl("voxelize", impl, device, IMPLS)
 
 
 def _assign(points, vs, pr, max_points, max_voxels, impl):
