@@ -39,7 +39,10 @@ test-gpu: install
 
 bench: install
 	$(PY) benchmarks/bench_bev_pool.py
+	$(PY) benchmarks/bench_voxelize.py
+	$(PY) benchmarks/bench_boxes.py
 	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_dataloader.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
