@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "TransFusionBBoxCoder",
@@ -365,6 +364,8 @@ class HungarianAssigner3D:
         if num_gts == 0 or num_preds == 0:
             return AssignResult(num_gts, gt_inds, overlaps, labels)
         cost, iou = self.cost_matrix(bboxes, gt_bboxes, gt_labels, cls_pred, train_cfg)
+        from scipy.optimize import linear_sum_assignment  # training only: the model imports without scipy
+
         rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())
         rows = torch.from_numpy(rows).to(bboxes.device)
         cols = torch.from_numpy(cols).to(bboxes.device)
