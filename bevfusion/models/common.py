@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["init_from_cfg", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
+__all__ = ["freeze_module", "init_from_cfg", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
            "trunc_normal_"]
 
 _NORMS = {"BN": nn.BatchNorm2d, "BN2d": nn.BatchNorm2d, "BN1d": nn.BatchNorm1d, "BN3d": nn.BatchNorm3d,
@@ -191,3 +191,10 @@ def read_local_checkpoint(path: str | os.PathLike, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot be read safely with weights_only=True: {exc}") from None
+
+
+def freeze_module(module: nn.Module) -> None:
+    """Eval mode and no gradients for `module` (frozen backbone stages)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad = False

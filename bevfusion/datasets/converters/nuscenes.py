@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bevfusion.structures.boxes import official_to_internal, points_in_boxes_np
-from bevfusion.structures.geometry import invert_transform, make_transform, quaternion_to_matrix
+from bevfusion.structures.geometry import invert_transform, make_transform
 from bevfusion.utils.io import atomic_write_bytes, dump_pickle, load_pickle
 from bevfusion.utils.logging import get_logger, progress
 
@@ -77,19 +77,25 @@ def _check_file(path: str, sample_token: str) -> None:
         raise FileNotFoundError(f"sample {sample_token}: file {path} is missing")
 
 
-def _sensor_record(nusc, sd_token: str, sensor_type: str, lidar2global: np.ndarray,
-                   root: str, sample_token: str) -> dict[str, Any]:
-    """A sweep/camera dict: paths, calibration, ego pose at the sensor time, sensor→keyframe-LiDAR."""
+def _sample_data(nusc, sd_token: str, root: str, sample_token: str):
+    """(sample_data, calibrated_sensor, ego_pose records, checked file path, sensor2ego, ego2global)."""
     sd = nusc.get("sample_data", sd_token)
     cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
     pose = nusc.get("ego_pose", sd["ego_pose_token"])
     data_path = os.path.join(root, sd["filename"])
     _check_file(data_path, sample_token)
-    sensor2ego = make_transform(cs["rotation"], cs["translation"])
-    ego2global = make_transform(pose["rotation"], pose["translation"])
+    return (sd, cs, pose, data_path, make_transform(cs["rotation"], cs["translation"]),
+            make_transform(pose["rotation"], pose["translation"]))
+
+
+def _sensor_record(nusc, sd_token: str, sensor_type: str, lidar2global: np.ndarray,
+                   root: str, sample_token: str) -> dict[str, Any]:
+    """A sweep/camera dict: paths, calibration, ego pose at the sensor time, sensor→keyframe-LiDAR
+    (and `camera_intrinsics` for a camera)."""
+    sd, cs, pose, data_path, sensor2ego, ego2global = _sample_data(nusc, sd_token, root, sample_token)
     # sensor → ego(t_sensor) → global → ego(t_lidar) → lidar: compensates ego motion.
     sensor2lidar = invert_transform(lidar2global) @ ego2global @ sensor2ego
-    return {
+    record = {
         "data_path": data_path,
         "type": sensor_type,
         "sample_data_token": sd["token"],
@@ -101,19 +107,15 @@ def _sensor_record(nusc, sd_token: str, sensor_type: str, lidar2global: np.ndarr
         "sensor2lidar_rotation": sensor2lidar[:3, :3],
         "sensor2lidar_translation": sensor2lidar[:3, 3],
     }
+    if sensor_type != "lidar":
+        record["camera_intrinsics"] = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
+    return record
 
 
 def _sample_info(nusc, sample: dict, root: str, max_sweeps: int, with_annotations: bool) -> dict[str, Any]:
-
     token = sample["token"]
     lidar_token = sample["data"]["LIDAR_TOP"]
-    sd = nusc.get("sample_data", lidar_token)
-    cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
-    pose = nusc.get("ego_pose", sd["ego_pose_token"])
-    lidar_path = os.path.join(root, sd["filename"])
-    _check_file(lidar_path, token)
-    lidar2ego = make_transform(cs["rotation"], cs["translation"])
-    ego2global = make_transform(pose["rotation"], pose["translation"])
+    sd, cs, pose, lidar_path, lidar2ego, ego2global = _sample_data(nusc, lidar_token, root, token)
     lidar2global = ego2global @ lidar2ego
     scene = nusc.get("scene", sample["scene_token"])
     info: dict[str, Any] = {
@@ -131,11 +133,7 @@ def _sample_info(nusc, sample: dict, root: str, max_sweeps: int, with_annotation
     for cam in CAMERA_NAMES:
         if cam not in sample["data"]:
             raise KeyError(f"sample {token}: no {cam} sample_data")
-        cam_token = sample["data"][cam]
-        cam_info = _sensor_record(nusc, cam_token, cam, lidar2global, root, token)
-        cam_cs = nusc.get("calibrated_sensor", nusc.get("sample_data", cam_token)["calibrated_sensor_token"])
-        cam_info["camera_intrinsics"] = np.asarray(cam_cs["camera_intrinsic"], dtype=np.float64)
-        info["cams"][cam] = cam_info
+        info["cams"][cam] = _sensor_record(nusc, sample["data"][cam], cam, lidar2global, root, token)
     prev = sd["prev"]
     while prev and len(info["sweeps"]) < max_sweeps:
         info["sweeps"].append(_sensor_record(nusc, prev, "lidar", lidar2global, root, token))

@@ -27,7 +27,7 @@ from torch import nn
 
 from bevfusion.models.heads.losses import build_loss
 from bevfusion.models.heads.transfusion import ConvBNReLU
-from bevfusion.models.heads.transfusion_utils import (circle_nms, draw_heatmap_gaussian, gaussian_radius,
+from bevfusion.models.heads.transfusion_utils import (cfg_get, circle_nms, draw_heatmap_gaussian, gaussian_radius,
                                                       internal_to_official_torch, official_to_internal_torch,
                                                       rotated_nms)
 
@@ -142,12 +142,6 @@ class CenterPointBBoxCoder:
                 for i in range(boxes.shape[0])]
 
 
-def _cfg_get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    return cfg[key] if key in cfg else default
-
-
 class CenterHead(nn.Module):
     """CenterPoint head with the official constructor keys (camera-only det config, facts §1.6.3).
 
@@ -230,7 +224,7 @@ class CenterHead(nn.Module):
         cfg = self.train_cfg
         osf = cfg["out_size_factor"]
         X, Y = int(cfg["grid_size"][0]) // osf, int(cfg["grid_size"][1]) // osf
-        max_objs = int(cfg["max_objs"]) * int(_cfg_get(cfg, "dense_reg", 1))
+        max_objs = int(cfg["max_objs"]) * int(cfg_get(cfg, "dense_reg", 1))
         pcr = torch.tensor([float(v) for v in cfg["point_cloud_range"]], dtype=torch.float32)
         vs = torch.tensor([float(v) for v in cfg["voxel_size"]], dtype=torch.float32)
         boxes = gt_boxes.detach().float().cpu()
@@ -285,7 +279,7 @@ class CenterHead(nn.Module):
             boxes = boxes.reshape(-1, boxes.shape[-1] if boxes.numel() else 9)
             official = internal_to_official_torch(boxes) if len(boxes) else boxes
             per_sample.append(self.get_targets_single(official, torch.as_tensor(labels).reshape(-1)))
-        code_weights = _cfg_get(self.train_cfg, "code_weights")
+        code_weights = cfg_get(self.train_cfg, "code_weights")
         losses: dict[str, torch.Tensor] = {}
         for t, pred in enumerate(preds):
             heatmap = torch.stack([s[0][t] for s in per_sample]).to(device)
@@ -314,7 +308,7 @@ class CenterHead(nn.Module):
         num_tasks = len(preds)
         nms_types = cfg.get("nms_type", "rotate") if hasattr(cfg, "get") else "rotate"
         nms_types = list(nms_types) if isinstance(nms_types, (list, tuple)) else [nms_types] * num_tasks
-        scales = _cfg_get(cfg, "nms_scale")
+        scales = cfg_get(cfg, "nms_scale")
         if scales is None:
             scales = [[1.0] * n for n in self.num_classes]
         elif not isinstance(scales, (list, tuple)):
@@ -354,7 +348,7 @@ class CenterHead(nn.Module):
         `get_task_detections`)."""
         cfg = self.test_cfg
         boxes, scores, labels = d["bboxes"], d["scores"], d["labels"].long()
-        thr = float(_cfg_get(cfg, "score_threshold", 0.0) or 0.0)
+        thr = float(cfg_get(cfg, "score_threshold", 0.0) or 0.0)
         if thr > 0:
             keep = scores >= thr
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
@@ -362,10 +356,10 @@ class CenterHead(nn.Module):
             bev = official_to_internal_torch(boxes[:, :7].double())
             for c, s in enumerate(scale):
                 bev[labels == c, 3:5] *= float(s)
-            sel = rotated_nms(bev, scores, float(cfg["nms_thr"]), _cfg_get(cfg, "pre_max_size"),
-                              _cfg_get(cfg, "post_max_size"))
+            sel = rotated_nms(bev, scores, float(cfg["nms_thr"]), cfg_get(cfg, "pre_max_size"),
+                              cfg_get(cfg, "post_max_size"))
             boxes, scores, labels = boxes[sel], scores[sel], labels[sel]
-        rng = _cfg_get(cfg, "post_center_limit_range")
+        rng = cfg_get(cfg, "post_center_limit_range")
         if rng is not None and len(rng) and len(boxes):
             r = boxes.new_tensor([float(v) for v in rng])
             keep = (boxes[:, :3] >= r[:3]).all(1) & (boxes[:, :3] <= r[3:]).all(1)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bevfusion.models.heads.losses import build_loss
-from bevfusion.models.heads.transfusion_utils import (HungarianAssigner3D, TransFusionBBoxCoder, circle_nms,
+from bevfusion.models.heads.transfusion_utils import (HungarianAssigner3D, TransFusionBBoxCoder, cfg_get, circle_nms,
                                                       draw_heatmap_gaussian, gaussian_radius,
                                                       internal_to_official_torch, official_to_internal_torch,
                                                       rotated_nms)
@@ -180,12 +180,6 @@ def select_queries(heatmap: torch.Tensor, num_proposals: int) -> tuple[torch.Ten
     return top // N, top % N
 
 
-def _cfg_get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    return cfg[key] if key in cfg else default
-
-
 class TransFusionHead(nn.Module):
     """TransFusion-L head with the official constructor keys (see the module docstring).
 
@@ -268,7 +262,7 @@ class TransFusionHead(nn.Module):
         self.bbox_coder = _build_coder(bbox_coder)
         self.bbox_assigner = None
         if train_cfg is not None:
-            assigner = dict(_cfg_get(train_cfg, "assigner", {}) or {})
+            assigner = dict(cfg_get(train_cfg, "assigner", {}) or {})
             kind = assigner.pop("type", "HungarianAssigner3D")
             if kind != "HungarianAssigner3D":
                 raise ValueError(f"heads.object.train_cfg.assigner: unsupported type {kind!r} "
@@ -276,8 +270,8 @@ class TransFusionHead(nn.Module):
             self.bbox_assigner = HungarianAssigner3D(**assigner)
 
         # Query / key positions: cell centres of the x-major BEV grid (a plain attribute, not saved).
-        grid = _cfg_get(self.test_cfg, "grid_size") or _cfg_get(train_cfg, "grid_size")
-        osf = _cfg_get(self.test_cfg, "out_size_factor") or _cfg_get(train_cfg, "out_size_factor") or 8
+        grid = cfg_get(self.test_cfg, "grid_size") or cfg_get(train_cfg, "grid_size")
+        osf = cfg_get(self.test_cfg, "out_size_factor") or cfg_get(train_cfg, "out_size_factor") or 8
         self.bev_pos = self.create_2D_grid(int(grid[0]) // osf, int(grid[1]) // osf) if grid is not None else None
 
     # ------------------------------------------------------------------ setup
@@ -298,7 +292,7 @@ class TransFusionHead(nn.Module):
                 m.momentum = self.bn_momentum
 
     def _skip_nms_classes(self) -> tuple[int, ...]:
-        dataset = _cfg_get(self.test_cfg, "dataset", "nuScenes")
+        dataset = cfg_get(self.test_cfg, "dataset", "nuScenes")
         # Hard-coded class indices as upstream: pedestrian (8) and traffic_cone (9) in nuScenes order,
         # pedestrian (1) and cyclist (2) for Waymo. Another class order breaks this, as it does upstream.
         return {"nuScenes": (8, 9), "Waymo": (1, 2)}.get(dataset, ())
@@ -389,7 +383,7 @@ class TransFusionHead(nn.Module):
             bbox_targets[pos] = self.bbox_coder.encode(gt_for_code)
             bbox_weights[pos] = 1.0
             labels[pos] = gt_labels[matched]
-            pos_weight = float(_cfg_get(self.train_cfg, "pos_weight", -1))
+            pos_weight = float(cfg_get(self.train_cfg, "pos_weight", -1))
             if pos_weight > 0:
                 label_weights[pos] = pos_weight
         ious = overlaps.clamp(0.0, 1.0)
@@ -462,7 +456,7 @@ class TransFusionHead(nn.Module):
         dense = preds["dense_heatmap"].float().sigmoid().clamp(1e-4, 1 - 1e-4)
         losses["loss_heatmap"] = self.loss_heatmap(dense, heatmap, avg_factor=max(float(heatmap.eq(1).sum()), 1.0))
 
-        code_weights = _cfg_get(self.train_cfg, "code_weights")
+        code_weights = cfg_get(self.train_cfg, "code_weights")
         n = self.num_proposals
         num_layers = preds["center"].shape[-1] // n
         keys = ["center", "height", "dim", "rot"] + (["vel"] if "vel" in preds else [])
@@ -500,7 +494,7 @@ class TransFusionHead(nn.Module):
         vel = preds["vel"][..., -n:] if "vel" in preds else None
         decoded = self.bbox_coder.decode(score, preds["rot"][..., -n:], preds["dim"][..., -n:],
                                          preds["center"][..., -n:], preds["height"][..., -n:], vel, filter=True)
-        nms_type = _cfg_get(self.test_cfg, "nms_type")
+        nms_type = cfg_get(self.test_cfg, "nms_type")
         out = []
         for d in decoded:
             boxes, scores, labels = d["bboxes"], d["scores"], d["labels"]
@@ -518,7 +512,7 @@ class TransFusionHead(nn.Module):
         traffic_cone (9) each with radius 0.175 — circle NMS on squared centre distance, or ("rotate" or any
         other value) rotated BEV NMS with that IoU threshold and test_cfg pre_maxsize / post_maxsize."""
         keep = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-        dataset = _cfg_get(self.test_cfg, "dataset", "nuScenes")
+        dataset = cfg_get(self.test_cfg, "dataset", "nuScenes")
         if dataset == "nuScenes":
             groups = [(list(range(8)), -1.0), ([8], 0.175), ([9], 0.175)]
         elif dataset == "Waymo":
@@ -538,7 +532,7 @@ class TransFusionHead(nn.Module):
                                        dtype=torch.long, device=boxes.device)
             else:
                 kept = rotated_nms(official_to_internal_torch(boxes[idx, :7]), scores[idx], radius,
-                                   _cfg_get(self.test_cfg, "pre_maxsize"), _cfg_get(self.test_cfg, "post_maxsize"))
+                                   cfg_get(self.test_cfg, "pre_maxsize"), cfg_get(self.test_cfg, "post_maxsize"))
             keep[idx[kept]] = True
         return torch.nonzero(keep, as_tuple=False).flatten()
 

@@ -17,7 +17,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+
+def cfg_get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """`cfg[key]` if the (optional) config section has it, else `default`."""
+    if cfg is None:
+        return default
+    return cfg[key] if key in cfg else default
+
 __all__ = [
+    "cfg_get",
     "TransFusionBBoxCoder",
     "HungarianAssigner3D",
     "AssignResult",

@@ -17,7 +17,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bevfusion.models.common import build_norm, init_from_cfg, kaiming_init, read_local_checkpoint
+from bevfusion.models.common import build_norm, freeze_module, init_from_cfg, kaiming_init, read_local_checkpoint
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -180,19 +180,14 @@ class ResNet(nn.Module):
 
     # ------------------------------------------------------------------ freezing / init
     def _freeze_stages(self) -> None:
-        def freeze(m: nn.Module) -> None:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-
         if self.frozen_stages >= 0:
             if self.deep_stem:
-                freeze(self.stem)
+                freeze_module(self.stem)
             else:
-                freeze(self.conv1)
-                freeze(self.bn1)
+                freeze_module(self.conv1)
+                freeze_module(self.bn1)
         for i in range(1, self.frozen_stages + 1):
-            freeze(getattr(self, f"layer{i}"))
+            freeze_module(getattr(self, f"layer{i}"))
 
     def train(self, mode: bool = True) -> "ResNet":
         super().train(mode)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from bevfusion.models.common import DropPath, build_activation, init_from_cfg, read_local_checkpoint, trunc_normal_
+from bevfusion.models.common import (DropPath, build_activation, freeze_module, init_from_cfg, read_local_checkpoint,
+                                     trunc_normal_)
 
 __all__ = ["SwinTransformer", "WindowMSA", "ShiftWindowMSA", "SwinBlock", "PatchMerging", "PatchEmbed",
            "swin_state_dict", "convert_original_swin", "relative_position_index"]
@@ -360,18 +361,13 @@ class SwinTransformer(nn.Module):
         return self
 
     def _freeze_stages(self) -> None:
-        def freeze(m: nn.Module) -> None:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-
         if self.frozen_stages >= 0:
-            freeze(self.patch_embed)
+            freeze_module(self.patch_embed)
             self.drop_after_pos.eval()
         for i in range(1, self.frozen_stages + 1):
             if (i - 1) in self.out_indices:
-                freeze(getattr(self, f"norm{i - 1}"))
-            freeze(self.stages[i - 1])
+                freeze_module(getattr(self, f"norm{i - 1}"))
+            freeze_module(self.stages[i - 1])
 
     def _random_init(self) -> None:
         """mmdet's from-scratch init: Linear trunc-normal(0.02) with zero bias, LayerNorm 1 / 0."""
