@@ -13,7 +13,8 @@ import shapely  # noqa: E402
 from shapely.geometry import LineString, Point, Polygon  # noqa: E402
 
 from bevfusion.datasets.transforms.augment import GlobalRotScaleTrans, RandomFlip3D  # noqa: E402
-from bevfusion.datasets.transforms.bev_seg import LoadBEVSegmentation, get_nuscenes_map  # noqa: E402
+from bevfusion.datasets.transforms.bev_seg import (  # noqa: E402
+    LoadBEVSegmentation, MapRaster, get_map_raster, get_nuscenes_map)
 from bevfusion.structures.geometry import make_transform, yaw_to_quaternion  # noqa: E402
 
 MAP_CLASSES = ["drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area", "divider"]
@@ -221,3 +222,58 @@ def test_synthetic_drive_maps(request):
         ref = nusc_map.get_map_mask((origin[0], origin[1], 100.0, 100.0), angle, [name], (200, 200))[0].T
         np.testing.assert_array_equal(masks[k], ref, err_msg=name)
     assert masks[0].any() and not masks[0].all()  # some drivable area around the map's centre
+
+
+def _devkit_layer_mask(nusc_map, box, angle, layer, canvas):
+    """The devkit's mask of one layer, or None where its line path cannot draw (a multi-part clip)."""
+    try:
+        return nusc_map.get_map_mask(box, angle, [layer], canvas)[0]
+    except TypeError:  # shapely 2: the devkit iterates a MultiLineString
+        return None
+
+
+def _compare_raster_with_devkit(root, location, centre, rng, n_patches, spread):
+    nusc_map = get_nuscenes_map(root, location)
+    raster = MapRaster(nusc_map)
+    layers = list(MapRaster.POLYGON_LAYERS) + ["road_divider", "lane_divider"]
+    compared = {name: 0 for name in layers}
+    for _ in range(n_patches):
+        x, y = centre + rng.uniform(-spread, spread, 2)
+        h, w = rng.choice([60.0, 100.0]), rng.choice([100.0, 80.0])
+        box, angle = (x, y, h, w), float(rng.uniform(-180, 180))
+        canvas = (int(h / rng.choice([0.5, 0.4])), int(w / 0.5))
+        ours = raster.masks(box, angle, layers, canvas)
+        for name in layers:
+            ref = _devkit_layer_mask(nusc_map, box, angle, name, canvas)
+            if ref is None:
+                continue
+            np.testing.assert_array_equal(ours[name], ref, err_msg=f"{location} {name} box={box} angle={angle}")
+            compared[name] += int(ref.any())
+    return compared
+
+
+def test_map_raster_equals_devkit_masks(map_root):
+    """MapRaster reproduces NuScenesMap.get_map_mask bit for bit: every layer, rotated patches of
+    several sizes and resolutions, holes, lines leaving the patch."""
+    root, _ = map_root
+    compared = _compare_raster_with_devkit(root, "boston-seaport", CENTRE, np.random.default_rng(5), 12, 40.0)
+    for name in ("drivable_area", "ped_crossing", "walkway", "carpark_area", "road_divider"):
+        assert compared[name] > 0, (name, compared)  # the layer was non-empty in some patches
+    raster = get_map_raster(root, "boston-seaport")
+    assert raster is get_map_raster(str(root), "boston-seaport")
+    with pytest.raises(ValueError, match="not a map layer"):
+        raster.masks((CENTRE[0], CENTRE[1], 100.0, 100.0), 0.0, ["roads"], (200, 200))
+
+
+def test_map_raster_equals_devkit_on_synthetic_maps(synthetic_root):
+    files = sorted((synthetic_root / "maps" / "expansion").glob("*.json"))
+    assert files
+    totals = {}
+    for i, f in enumerate(files[:2]):
+        nodes = np.array([[n["x"], n["y"]] for n in get_nuscenes_map(synthetic_root, f.stem).node])
+        compared = _compare_raster_with_devkit(synthetic_root, f.stem, nodes.mean(0), np.random.default_rng(i), 4,
+                                               0.3 * np.ptp(nodes, axis=0).min())
+        for k, v in compared.items():
+            totals[k] = totals.get(k, 0) + v
+    for name in ("drivable_area", "road_segment", "lane", "ped_crossing", "walkway", "lane_divider"):
+        assert totals[name] > 0, (name, totals)
