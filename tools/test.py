@@ -10,6 +10,7 @@ Official checkpoints load directly (sparse-conv weights are converted on the fly
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the raw per-sample results (pickle of numpy arrays)")
     parser.add_argument("--format-only", action="store_true", help="only write the submission JSON")
     parser.add_argument("--jsonfile-prefix", help="folder for results_nusc.json (default: next to --out)")
+    parser.add_argument("--metrics-out", help="also write every metric of --eval to this JSON file")
     parser.add_argument("--eval-set", help="devkit eval_set (default: mini_val for v1.0-mini, else val)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="which data section to run (default: data.test)")
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config_args(parser, argv)
     if not (args.eval or args.out or args.format_only):
         parser.error("nothing to do: give --eval, --out and/or --format-only")
+    if args.metrics_out and not args.eval:
+        parser.error("--metrics-out needs --eval")
 
     from bevfusion.datasets.builder import build_dataset
     from bevfusion.datasets.loader import build_dataloader
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in metrics.items():
             if "@" not in key or key.endswith("@max"):
                 print(f"{key}: {value:.4f}")
+        if args.metrics_out:
+            from bevfusion.utils.io import atomic_write_text
+
+            atomic_write_text(args.metrics_out, json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))
+            log.info("metrics written to %s", args.metrics_out)
     return 0
 
 

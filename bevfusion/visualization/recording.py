@@ -83,6 +83,22 @@ def _bev_pixels(xy: np.ndarray) -> np.ndarray:
     return np.stack([u, v], axis=-1)
 
 
+def on_bev_grid(masks: np.ndarray) -> np.ndarray:
+    """(C, X, Y) masks covering the BEV extent at any cell size → (C, 200, 200) on the grid of
+    BEV_XBOUND / BEV_YBOUND (nearest cell), the grid `_bev_pixels` and the box outlines refer to.
+
+    Map heads trained at another resolution over the same extent (the synthetic config's 1 m cells)
+    are shown on the same image as the official 0.5 m ones.
+    """
+    nx = int(round((BEV_XBOUND[1] - BEV_XBOUND[0]) / BEV_XBOUND[2]))
+    ny = int(round((BEV_YBOUND[1] - BEV_YBOUND[0]) / BEV_YBOUND[2]))
+    if masks.shape[1:] == (nx, ny):
+        return masks
+    ix = ((np.arange(nx) + 0.5) * masks.shape[1] / nx).astype(np.int64)
+    iy = ((np.arange(ny) + 0.5) * masks.shape[2] / ny).astype(np.int64)
+    return masks[:, ix][:, :, iy]
+
+
 def bev_box_strips(boxes: np.ndarray) -> np.ndarray:
     """(K, 7+) boxes → (K, 7, 2) pixel polylines: the footprint with a tick from the front edge to the centre."""
     corners = box_corners(boxes)[:, :4, :2]  # (K, 4, 2): front-left, rear-left, rear-right, front-right
@@ -198,7 +214,7 @@ class DriveLogger:
         if masks is None:
             rec.log(f"bev/{group}/map", rr.Clear(recursive=False))
         else:
-            rec.log(f"bev/{group}/map", rr.Image(bev_map_image(masks, self.map_classes, threshold)))
+            rec.log(f"bev/{group}/map", rr.Image(bev_map_image(on_bev_grid(masks), self.map_classes, threshold)))
         if boxes is None or len(boxes) == 0:
             rec.log(f"bev/{group}/boxes", rr.Clear(recursive=False))
             return

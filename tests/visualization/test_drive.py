@@ -207,6 +207,23 @@ def test_bev_maps(recorded, dataset):
     np.testing.assert_allclose([u, v], [(50 - boxes[0, 1]) / 0.5, (50 - boxes[0, 0]) / 0.5], atol=1e-3)
 
 
+def test_coarser_map_masks_show_on_the_same_grid():
+    """A 1 m map head's (C, 100, 100) masks are shown on the 0.5 m image, each cell as 2 x 2 pixels,
+    so that the box outlines (drawn in 0.5 m pixels) stay where they belong."""
+    from bevfusion.visualization.recording import on_bev_grid
+
+    rng = np.random.default_rng(3)
+    coarse = rng.uniform(0, 1, (6, 100, 100)).astype(np.float32)
+    fine = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)
+    np.testing.assert_array_equal(on_bev_grid(coarse), fine)
+    assert on_bev_grid(fine) is fine
+    odd = rng.uniform(0, 1, (2, 8, 5))  # any cell count: nearest cell by centre
+    out = on_bev_grid(odd)
+    assert out.shape == (2, 200, 200)
+    np.testing.assert_array_equal(out[:, 24, 39], odd[:, 0, 0])  # pixel centres 12.25 m, 19.75 m in
+    np.testing.assert_array_equal(out[:, 25, 40], odd[:, 1, 1])
+
+
 def test_rrd_verify_accepts_the_file(recorded):
     out, _, _ = recorded
     exe = shutil.which("rerun") or str(Path(sys.executable).with_name("rerun"))
