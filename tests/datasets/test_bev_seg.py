@@ -277,3 +277,15 @@ def test_map_raster_equals_devkit_on_synthetic_maps(synthetic_root):
             totals[k] = totals.get(k, 0) + v
     for name in ("drivable_area", "road_segment", "lane", "ped_crossing", "walkway", "lane_divider"):
         assert totals[name] > 0, (name, totals)
+
+
+def test_nested_clip_results_are_drawn_part_by_part():
+    """A clip can give a collection holding a multi-polygon and a line; every polygon in it is drawn."""
+    from shapely.geometry import GeometryCollection, MultiPolygon
+
+    from bevfusion.datasets.transforms.bev_seg import _simple_parts
+
+    a, b = Polygon([(0, 0), (1, 0), (1, 1)]), Polygon([(2, 2), (3, 2), (3, 3)])
+    nested = GeometryCollection([MultiPolygon([a, b]), LineString([(0, 0), (1, 1)]), GeometryCollection([Point(1, 1)])])
+    assert [g.geom_type for g in _simple_parts(nested)] == ["Polygon", "Polygon", "LineString", "Point"]
+    assert _simple_parts(a)[0].equals(a) and len(_simple_parts(a)) == 1

@@ -5,7 +5,7 @@ lidar2global = ego2global · lidar2ego · inverse(lidar_aug_matrix); the patch c
 translation and the patch angle (degrees) the heading of its x axis. The scale of the augmentation
 is ignored, so the patch is always |xbound| × |ybound| metres while points and boxes are scaled (an
 upstream quirk we keep). Masks are the devkit's (`NuScenesMap.get_map_mask`), computed by `MapRaster`
-with the devkit's own geometry and steps but about 40x faster; line layers (the dividers) also draw
+with the devkit's own geometry and steps but about 20x faster; line layers (the dividers) also draw
 when a line leaves and re-enters the patch (the devkit's own line path iterates a MultiLineString,
 which shapely 2 no longer allows).
 """
@@ -76,7 +76,7 @@ class MapRaster:
     differs is the cost: the devkit rebuilds every shape of the layer from its node tokens on every
     call (~0.4 s for six classes on the synthetic maps); here the shapes are built once per layer, the
     records whose bounding box misses the patch are skipped, and clipping and transforms run on
-    arrays of shapes at once (~10 ms). Lines also draw when they leave and re-enter the patch (the
+    arrays of shapes at once (~20 ms). Lines also draw when they leave and re-enter the patch (the
     devkit's line path iterates a MultiLineString, which shapely 2 no longer allows).
     """
 
@@ -152,7 +152,7 @@ class MapRaster:
                                               [1.0, 0.0, 0.0, 1.0, patch_w / 2.0, patch_h / 2.0])
             parts = affinity.scale(parts, xfact=canvas_w / patch_w, yfact=canvas_h / patch_h, origin=(0, 0))
             for geom in shapely.get_parts(parts):  # record by record, as the devkit draws them
-                pieces = shapely.get_parts(geom)
+                pieces = _simple_parts(geom)
                 if name in self.LINE_LAYERS:
                     for line in pieces:
                         if line.geom_type == "LineString" and not line.is_empty:
@@ -166,6 +166,16 @@ class MapRaster:
                     if holes:
                         cv2.fillPoly(mask, holes, 0)
         return out
+
+
+def _simple_parts(geom) -> list:
+    """The simple geometries (points, lines, polygons) of a possibly nested multi-part geometry."""
+    import shapely
+
+    parts = shapely.get_parts(geom)
+    if len(parts) == 1 and parts[0].geom_type == geom.geom_type and not geom.geom_type.startswith(("Multi", "Geom")):
+        return [geom]
+    return [simple for part in parts for simple in _simple_parts(part)]
 
 
 def get_map_raster(dataset_root: str | os.PathLike, location: str) -> MapRaster:
