@@ -40,7 +40,8 @@ def build_steps(data: Path, work: Path, config: Path, version: str) -> list[Step
         Step("create info files", "create_data.py",
              ["nuscenes", "--root-path", str(data), "--version", version, "--out-dir", str(data)],
              data / "nuscenes_infos_val.pkl"),
-        Step("train", "train.py", [str(config), "--work-dir", str(work), "--no-validate", *root], ckpt),  # test.py evaluates
+        # no evaluation inside training: the next step evaluates the final checkpoint
+        Step("train", "train.py", [str(config), "--work-dir", str(work), "--no-validate", *root], ckpt),
         Step("evaluate", "test.py", [str(config), str(ckpt), "--eval", "bbox", "map", "--out", str(results),
                                      "--metrics-out", str(work / "metrics.json"), *root], None),
         Step("visualize", "visualize.py",
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file = args.work_dir / "metrics.json"
     if metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
-        log.info("synthetic val: mAP %.4f, NDS %.4f, map mIoU %.4f (all metrics: %s)", m.get("object/map", float("nan")),
-                 m.get("object/nds", float("nan")), m.get("map/mean/iou@max", float("nan")), metrics_file)
+        nan = float("nan")
+        log.info("synthetic val: mAP %.4f, NDS %.4f, map mIoU %.4f (all metrics: %s)", m.get("object/map", nan),
+                 m.get("object/nds", nan), m.get("map/mean/iou@max", nan), metrics_file)
     rrd = args.work_dir / "drive.rrd"
     log.info("demo finished in %.0f s: checkpoint %s, results %s, recording %s (open it with: %s %s)",
              time.time() - t0, args.work_dir / "latest.pth", args.work_dir / "results.pkl", rrd,
