@@ -141,3 +141,23 @@ def test_dataset_reads_converted_infos(converted):
                                                          {"type": "LoadAnnotations3D"}], test_mode=True)
     sample = ds[0]
     assert sample["points"].shape[1] == 5 and sample["gt_bboxes_3d"].shape[1] == 9
+
+
+def test_points_of_each_box_equal_the_dense_membership():
+    """The GT database's per-box point lists equal the columns of the dense float64 membership
+    (`points_in_boxes_np`), with overlapping boxes, an empty box and points on faces."""
+    from bevfusion.datasets.converters.nuscenes import _points_of_each_box
+
+    rng = np.random.default_rng(4)
+    boxes = np.array([[0, 0, 0, 4, 2, 1.5, 0.3, 0, 0], [1, 0.5, 0, 3, 3, 2, -0.8, 0, 0],  # these two overlap
+                      [30, 30, 0, 1, 1, 1, 0, 0, 0],                                      # holds no point
+                      [-5, 2, 0.5, 0.7, 0.7, 1.8, 1.2, 0, 0]])
+    points = np.concatenate([rng.uniform(-8, 8, (4000, 3)) * [1, 1, 0.3], rng.normal(0, 1, (4000, 2))], axis=1)
+    points[:4, :3] = [[2, 0, 0], [0, 1, 0], [0, 0, 0.75], [-2, -1, -0.75]]  # on faces of box 4
+    boxes = np.concatenate([boxes, [[0, 0, 0, 4, 2, 1.5, 0, 0, 0]]])
+    dense = points_in_boxes_np(points[:, :3], boxes)
+    groups = _points_of_each_box(points, boxes)
+    assert len(groups) == len(boxes)
+    for i, idx in enumerate(groups):
+        np.testing.assert_array_equal(idx, np.flatnonzero(dense[:, i]))
+    assert len(groups[2]) == 0 and np.intersect1d(groups[0], groups[1]).size > 0 and set(range(4)) <= set(groups[4])
