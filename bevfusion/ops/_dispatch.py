@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["resolve_impl", "has_numba"]
+__all__ = ["resolve_impl", "has_numba", "numba_jit"]
 
 
 def resolve_impl(op: str, impl: str, device: torch.device, impls: Sequence[str]) -> str:
@@ -35,3 +35,13 @@ def has_numba() -> bool:
     except ImportError:
         return False
     return True
+
+
+def numba_jit(fn):
+    """`numba.njit(cache=True, nogil=True)(fn)`: compiled on first call and cached on disk. Without
+    numba the function stays plain Python (the ops check `has_numba` before picking these paths)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return fn
+    return numba.njit(cache=True, nogil=True)(fn)

@@ -15,14 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-try:  # the kernels below compile on first call and are cached on disk; without numba they stay plain Python
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
-
-
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+from .._dispatch import numba_jit as _jit
 
 
 @_jit

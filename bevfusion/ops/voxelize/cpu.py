@@ -21,16 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .._dispatch import numba_jit as _jit
 from .reference import compute_dtype, grid_size
-
-try:  # the kernels below compile on first call and are cached on disk; without numba they stay plain Python
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
-
-
-def _jit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
 
 
 @_jit
