@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["freeze_module", "init_from_cfg", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
+__all__ = ["freeze_module", "init_from_cfg", "merge_pretrained", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
            "trunc_normal_"]
 
 _NORMS = {"BN": nn.BatchNorm2d, "BN2d": nn.BatchNorm2d, "BN1d": nn.BatchNorm1d, "BN3d": nn.BatchNorm3d,
@@ -156,6 +156,17 @@ class DropPath(nn.Module):
 # init_cfg.checkpoint values that name a remote file: never downloaded.
 URL_PREFIXES = ("http://", "https://", "s3://", "ftp://", "torchvision://", "open-mmlab://", "modelzoo://",
                 "pavi://", "mmcls://")
+
+
+def merge_pretrained(name: str, init_cfg: Mapping[str, Any] | None, pretrained: str | None
+                     ) -> dict[str, Any] | None:
+    """A backbone's init_cfg from the official pair of arguments: `pretrained=PATH` (mmdet's older
+    form) means {type: Pretrained, checkpoint: PATH}; giving both is an error naming the backbone."""
+    if pretrained is not None:
+        if init_cfg is not None:
+            raise ValueError(f"{name}: give init_cfg or pretrained, not both")
+        init_cfg = {"type": "Pretrained", "checkpoint": pretrained}
+    return dict(init_cfg) if init_cfg is not None else None
 
 
 def init_from_cfg(module: nn.Module, init_cfg: Mapping[str, Any] | None, name: str, logger: logging.Logger,

@@ -136,3 +136,15 @@ def test_pretrained_local_and_url(tmp_path, monkeypatch, caplog):
     assert len(msgs) == 1 and "init_cfg.checkpoint=PATH" in msgs[0]
     with pytest.raises(FileNotFoundError):
         ResNet(depth=18, pretrained=str(tmp_path / "missing.pth")).init_weights()
+
+
+def test_pretrained_and_init_cfg_are_one_setting():
+    from bevfusion.models.camera.backbones.swin import SwinTransformer
+
+    assert ResNet(depth=18, pretrained="w.pth").init_cfg == {"type": "Pretrained", "checkpoint": "w.pth"}
+    assert ResNet(depth=18).init_cfg is None
+    for build, name in ((lambda **kw: ResNet(depth=18, **kw), "ResNet"),
+                        (lambda **kw: SwinTransformer(embed_dims=12, depths=[1], num_heads=[1], strides=[4],
+                                                      out_indices=[0], **kw), "SwinTransformer")):
+        with pytest.raises(ValueError, match=f"{name}: give init_cfg or pretrained, not both"):
+            build(pretrained="a.pth", init_cfg={"type": "Pretrained", "checkpoint": "b.pth"})

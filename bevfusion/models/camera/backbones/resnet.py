@@ -17,7 +17,8 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bevfusion.models.common import build_norm, freeze_module, init_from_cfg, kaiming_init, read_local_checkpoint
+from bevfusion.models.common import (build_norm, freeze_module, init_from_cfg, kaiming_init, merge_pretrained,
+                                     read_local_checkpoint)
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -126,11 +127,7 @@ class ResNet(nn.Module):
                                       "uses them)")
         if not 1 <= num_stages <= 4 or max(out_indices) >= num_stages:
             raise ValueError("ResNet: need 1 <= num_stages <= 4 and out_indices < num_stages")
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError("ResNet: give init_cfg or pretrained, not both")
-            init_cfg = {"type": "Pretrained", "checkpoint": pretrained}
-        self.init_cfg = dict(init_cfg) if init_cfg is not None else None
+        self.init_cfg = merge_pretrained("ResNet", init_cfg, pretrained)
         self.depth, self.out_indices, self.frozen_stages = depth, tuple(out_indices), frozen_stages
         self.norm_eval, self.zero_init_residual, self.deep_stem = norm_eval, zero_init_residual, deep_stem
         norm_cfg = dict(norm_cfg or _BN)

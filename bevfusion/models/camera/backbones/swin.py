@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from bevfusion.models.common import (DropPath, build_activation, freeze_module, init_from_cfg, read_local_checkpoint,
-                                     trunc_normal_)
+from bevfusion.models.common import (DropPath, build_activation, freeze_module, init_from_cfg, merge_pretrained,
+                                     read_local_checkpoint, trunc_normal_)
 
 __all__ = ["SwinTransformer", "WindowMSA", "ShiftWindowMSA", "SwinBlock", "PatchMerging", "PatchEmbed",
            "swin_state_dict", "convert_original_swin", "relative_position_index"]
@@ -326,11 +326,7 @@ class SwinTransformer(nn.Module):
             raise ValueError("SwinTransformer: depths, num_heads and strides need the same length")
         if strides[0] != patch_size:
             raise ValueError("SwinTransformer: strides[0] must equal patch_size (non-overlapping patch embed)")
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError("SwinTransformer: give init_cfg or pretrained, not both")
-            init_cfg = {"type": "Pretrained", "checkpoint": pretrained}
-        self.init_cfg = dict(init_cfg) if init_cfg is not None else None
+        self.init_cfg = merge_pretrained("SwinTransformer", init_cfg, pretrained)
         self.convert_weights, self.frozen_stages = convert_weights, frozen_stages
         self.out_indices = tuple(out_indices)
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size, strides[0],
