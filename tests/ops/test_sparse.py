@@ -333,3 +333,74 @@ def test_conv_kmap_isolated_sites_dilation_sharing_stride():
     assert y.coords.shape[0] == 27 * c.shape[0]
     assert torch.equal(y.coords.long(), rc)
     torch.testing.assert_close(y.feats, rf)
+
+
+def _encoder_chain(x, impl_kmap, monkeypatch):
+    """subm -> strided -> subm on the strided output -> inverse, with the kernel maps forced to one impl."""
+    from bevfusion.ops.sparse import kmap as km_mod
+
+    monkeypatch.setattr(km_mod, "_use_numba", lambda _x, _impl: impl_kmap == "numba")
+    g = torch.Generator().manual_seed(11)
+    w1 = torch.randn(27, x.feats.shape[1], 4, dtype=torch.float64, generator=g)
+    w2 = torch.randn(27, 4, 5, dtype=torch.float64, generator=g)
+    w3 = torch.randn(27, 5, 5, dtype=torch.float64, generator=g)
+    w4 = torch.randn(27, 5, 2, dtype=torch.float64, generator=g)
+    a = subm_conv3d(x, w1, 3, impl="gather")
+    b = sparse_conv3d(a, w2, 3, 2, 1, impl="gather")
+    c = subm_conv3d(b, w3, 3, impl="gather")
+    d = sparse_inverse_conv3d(c, w4, 3, 2, 1, impl="gather")
+    return a, b, c, d
+
+
+@pytest.mark.parametrize("batch,empty", [(3, (1,)), (1, ()), (2, (0, 1))])
+def test_torch_kmaps_end_to_end_equal_numba(batch, empty, monkeypatch):
+    """The device-agnostic kernel maps (the CUDA path: sort, searchsorted, prefix-sum compaction, one host
+    transfer per map) give the same network outputs as the numba maps, incl. empty batches and inputs."""
+    x = random_tensor(shape=(9, 8, 7), batch=batch, density=0.25, empty=empty)
+    ref = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "numba", monkeypatch)
+    got = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "torch", monkeypatch)
+    for r, t in zip(ref, got):
+        assert torch.equal(r.coords, t.coords) and r.spatial_shape == t.spatial_shape
+        torch.testing.assert_close(t.feats, r.feats)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kmap_build_syncs_once_per_map():
+    """Building a kernel map on CUDA reads the device once (its pair counts); a cached map not at all."""
+    import warnings
+
+    x = random_tensor(shape=(40, 40, 12), batch=2, density=0.1, empty=(), dtype=torch.float32)
+    x = SparseTensor(x.feats.cuda(), x.coords.cuda(), x.spatial_shape, batch_size=2)
+    torch.cuda.synchronize()
+
+    def syncs(fn):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return out, sum("synchroniz" in str(w.message) for w in rec)
+
+    km, n = syncs(lambda: build_subm_kmap(x, 3))
+    assert n <= 1, f"subm map: {n} syncs"
+    assert syncs(lambda: build_subm_kmap(x, 3))[1] == 0  # cached
+    (km2, coords, shape, cid), n = syncs(lambda: build_conv_kmap(x, 3, 2, 1))
+    assert n <= 1, f"strided map: {n} syncs"
+    y = SparseTensor(torch.zeros(coords.shape[0], 1, device="cuda"), coords, shape, check=False,
+                     batch_size=2, _cache=x.cache, _coord_id=cid)
+    assert syncs(lambda: build_subm_kmap(y, 3))[1] <= 1  # the strided output's sorted keys are cached
+    # and the maps equal the CPU (numba) maps
+    xc = SparseTensor(x.feats.cpu(), x.coords.cpu(), x.spatial_shape, batch_size=2)
+    ref = build_subm_kmap(xc, 3)
+    assert km.ptr == ref.ptr
+    for u, v in zip(_pairs_by_offset(ref), _pairs_by_offset(_kmap_to_cpu(km))):
+        assert torch.equal(u, v)
+
+
+def _kmap_to_cpu(km):
+    from bevfusion.ops.sparse.kmap import KernelMap
+
+    return KernelMap(km.in_idx.cpu(), km.out_idx.cpu(), km.ptr, km.n_in, km.n_out, km.identity_offset)

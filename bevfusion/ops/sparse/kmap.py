@@ -102,15 +102,43 @@ def conv_out_shape(spatial_shape, kernel_size, stride, padding, dilation) -> tup
 
 
 def _sorted_keys(x: SparseTensor):
+    """(sorted keys, order, duplicate flag): the flag is a 0-dim bool tensor on the device, or None when
+    the sites are known to be unique (validated, or made by a strided conv). The caller reads it together
+    with its pair counts, so that building a map costs one host sync."""
     hit = x.cache.get(("sorted_keys", x.coord_id))
-    if hit is None:
-        keys = linear_keys(x.coords, x.spatial_shape)
-        skeys, order = torch.sort(keys)
-        if skeys.numel() > 1 and bool((skeys[1:] == skeys[:-1]).any()):
-            raise ValueError("sparse conv: duplicate coordinates in the input SparseTensor")
-        hit = (skeys, order)
-        x.cache.put(("sorted_keys", x.coord_id), hit)
-    return hit
+    if hit is not None:
+        return hit[0], hit[1], None
+    keys = linear_keys(x.coords, x.spatial_shape)
+    skeys, order = torch.sort(keys)
+    dup = (skeys[1:] == skeys[:-1]).any() if skeys.numel() > 1 else None
+    x.cache.put(("sorted_keys", x.coord_id), (skeys, order))
+    return skeys, order, dup
+
+
+def _host_counts(counts: torch.Tensor, *scalars) -> list[int]:
+    """Copy (K,) per-offset pair counts and extra 0-dim values to the host in one transfer (the one
+    device sync of a map build on CUDA). None scalars read as 0."""
+    extra = [torch.zeros((), dtype=torch.long, device=counts.device) if v is None else v.reshape(()).long()
+             for v in scalars]
+    return torch.cat([counts.long()] + [v.reshape(1) for v in extra]).tolist()
+
+
+def _compact(mask: torch.Tensor, total: int) -> torch.Tensor:
+    """Flat indices of the True entries of `mask`, in increasing order (as `mask.view(-1).nonzero()`),
+    given their count `total` from the host: a prefix sum and a scatter, so no further device sync."""
+    flat = mask.reshape(-1)
+    pos = torch.cumsum(flat, 0) - 1
+    dest = torch.where(flat, pos, torch.full_like(pos, total))  # rejected entries go to a spare slot
+    buf = torch.empty(total + 1, dtype=torch.long, device=mask.device)
+    buf.scatter_(0, dest, torch.arange(flat.numel(), device=mask.device))
+    return buf[:total]
+
+
+def _ptr(counts) -> list[int]:
+    ptr = [0]
+    for v in counts:
+        ptr.append(ptr[-1] + int(v))
+    return ptr
 
 
 def _use_numba(x: SparseTensor, impl: str) -> bool:
@@ -156,7 +184,7 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
         km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
         x.cache.put(key, km)
         return km
-    skeys, order = _sorted_keys(x)
+    skeys, order, dup = _sorted_keys(x)
     c = x.coords.long()
     q = c[None, :, 1:] + offs[:, None, :]  # (K, N, 3)
     shape = torch.tensor(x.spatial_shape, device=dev)
@@ -165,12 +193,14 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
     qk = torch.where(inb, qk, torch.full_like(qk, -1))
     pos = torch.searchsorted(skeys, qk).clamp_(max=n - 1)
     found = (skeys[pos] == qk) & inb
-    cnt = found.sum(1).tolist()
-    out_idx = torch.arange(n, device=dev).expand(K, n)[found]
-    in_idx = order[pos][found]
-    ptr = [0]
-    for v in cnt:
-        ptr.append(ptr[-1] + int(v))
+    *cnt, has_dup = _host_counts(found.sum(1), dup)  # the one host sync of this map
+    if has_dup:
+        x.cache.entries.pop(("sorted_keys", x.coord_id), None)
+        raise ValueError("sparse conv: duplicate coordinates in the input SparseTensor")
+    ptr = _ptr(cnt)
+    sel = _compact(found, ptr[-1])  # flat (k, output) indices, grouped by offset
+    out_idx = sel % n
+    in_idx = order[pos.reshape(-1)[sel]]
     km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
     x.cache.put(key, km)
     return km
@@ -215,18 +245,28 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
     st_t = torch.tensor(st, device=dev)
     o = torch.div(num, st_t, rounding_mode="floor")
     ok = ((o * st_t == num) & (o >= 0) & (o < torch.tensor(out_shape, device=dev))).all(-1)  # (K, N)
-    cnt = ok.sum(1).tolist()
-    ob = c[None, :, 0].expand(K, n)[ok]
-    oo = o[ok]
-    okeys = ((ob * out_shape[0] + oo[:, 0]) * out_shape[1] + oo[:, 1]) * out_shape[2] + oo[:, 2]
-    uniq, inv = torch.unique(okeys, sorted=True, return_inverse=True)
-    in_idx = torch.arange(n, device=dev).expand(K, n)[ok]
-    ptr = [0]
-    for v in cnt:
-        ptr.append(ptr[-1] + int(v))
-    km = KernelMap(in_idx, inv.long(), ptr, n, uniq.numel(), None)
+    okeys = ((c[None, :, 0] * out_shape[0] + o[..., 0]) * out_shape[1] + o[..., 1]) * out_shape[2] + o[..., 2]
+    # The distinct output keys without torch.unique (whose size needs a sync): sort all K*N candidate keys,
+    # rejected ones as a sentinel above every real key, and number the first of each run.
+    sentinel = torch.iinfo(torch.int64).max
+    skeys, perm = torch.sort(torch.where(ok, okeys, torch.full_like(okeys, sentinel)).reshape(-1))
+    first = torch.ones_like(skeys, dtype=torch.bool)
+    first[1:] = skeys[1:] != skeys[:-1]
+    first &= skeys != sentinel
+    run = torch.cumsum(first, 0) - 1  # output row of each sorted candidate
+    *cnt, n_out = _host_counts(ok.sum(1), first.sum())  # the one host sync of this map
+    ptr = _ptr(cnt)
+    uniq = torch.empty(n_out + 1, dtype=torch.long, device=dev)
+    uniq.scatter_(0, torch.where(first, run, torch.full_like(run, n_out)), skeys)
+    uniq = uniq[:n_out]
+    inv = torch.empty_like(run)
+    inv[perm] = run  # output row of each (k, input) candidate
+    sel = _compact(ok, ptr[-1])  # flat (k, input) indices of the pairs, grouped by offset
+    km = KernelMap(sel % n, inv[sel], ptr, n, n_out, None)
     out_coords = keys_to_coords(uniq, out_shape)
-    res = (km, out_coords, out_shape, next(_coord_ids))
+    cid = next(_coord_ids)
+    x.cache.put(("sorted_keys", cid), (uniq, torch.arange(n_out, device=dev)))  # unique and sorted already
+    res = (km, out_coords, out_shape, cid)
     x.cache.put(key, res)
     return res
 

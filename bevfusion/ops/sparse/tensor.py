@@ -82,31 +82,35 @@ class SparseTensor:
         self.coords = coords.contiguous()
         self.spatial_shape = _triple(spatial_shape, "spatial_shape")
         self.stride = _triple(stride, "stride")
-        if batch_size is None:
-            batch_size = int(coords[:, 0].max()) + 1 if coords.shape[0] else 0
-        self.batch_size = int(batch_size)
+        self.batch_size = -1 if batch_size is None else int(batch_size)
         self.cache = _cache if _cache is not None else KernelMapCache()
         self.coord_id = next(_coord_ids) if _coord_id is None else _coord_id
         if check:
             self._validate()
+        elif self.batch_size < 0:
+            self.batch_size = int(self.coords[:, 0].max()) + 1 if self.coords.shape[0] else 0
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        """Range and uniqueness checks; on CUDA one host transfer for all of them (and for batch_size)."""
         c = self.coords
         if c.shape[0] == 0:
+            self.batch_size = max(self.batch_size, 0)
             return
-        lo = c.min(0).values
-        hi = c.max(0).values
-        bounds = (self.batch_size,) + self.spatial_shape
-        if bool((lo < 0).any()) or any(int(hi[i]) >= bounds[i] for i in range(4)):
-            raise ValueError(f"SparseTensor: coords out of range: min {lo.tolist()}, max {hi.tolist()}, "
-                             f"(batch_size, X, Y, Z) = {bounds}")
         keys = linear_keys(c, self.spatial_shape)
         skeys, order = torch.sort(keys)
         dup = skeys[1:] == skeys[:-1]
-        if bool(dup.any()):
+        stats = torch.cat([c.min(0).values.long(), c.max(0).values.long(), dup.sum().reshape(1)]).tolist()
+        lo, hi, n_dup = stats[:4], stats[4:8], stats[8]
+        if self.batch_size < 0:
+            self.batch_size = hi[0] + 1
+        bounds = (self.batch_size,) + self.spatial_shape
+        if min(lo) < 0 or any(hi[i] >= bounds[i] for i in range(4)):
+            raise ValueError(f"SparseTensor: coords out of range: min {lo}, max {hi}, "
+                             f"(batch_size, X, Y, Z) = {bounds}")
+        if n_dup:
             first = int(order[1:][dup][0])
-            raise ValueError(f"SparseTensor: {int(dup.sum())} duplicate coordinate row(s), e.g. "
+            raise ValueError(f"SparseTensor: {n_dup} duplicate coordinate row(s), e.g. "
                              f"(batch, x, y, z) = {c[first].tolist()}; merge duplicates (e.g. by voxelization) "
                              "before building a SparseTensor")
         self.cache.put(("sorted_keys", self.coord_id), (skeys, order))
