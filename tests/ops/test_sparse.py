@@ -404,3 +404,22 @@ def _kmap_to_cpu(km):
     from bevfusion.ops.sparse.kmap import KernelMap
 
     return KernelMap(km.in_idx.cpu(), km.out_idx.cpu(), km.ptr, km.n_in, km.n_out, km.identity_offset)
+
+
+def test_conv_follows_autocast_dtype():
+    """Under autocast a sparse conv computes in the autocast dtype (as F.conv3d does), from fp32 features
+    and an fp32 weight; gradients reach the fp32 weight. Checked against the float64 dense conv."""
+    x = random_tensor(shape=(9, 8, 7), batch=2, density=0.3, empty=(), cin=8, dtype=torch.float32)
+    w = torch.randn(27, 8, 16, dtype=torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = subm_conv3d(x, w, 3)
+    assert y.feats.dtype == torch.bfloat16
+    rc, rf, _ = dense_conv(SparseTensor(x.feats.double(), x.coords, x.spatial_shape, batch_size=2),
+                           w.detach().double(), 3, 1, 1, 1, subm=True)
+    assert torch.equal(y.coords, x.coords)
+    f = y.feats.double()
+    assert float((f - rf).norm() / rf.norm()) < 2e-2  # bf16 operands
+    y.feats.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and bool(torch.isfinite(w.grad).all())
+    z = subm_conv3d(x, w, 3)  # outside autocast: fp32 as before
+    assert z.feats.dtype == torch.float32

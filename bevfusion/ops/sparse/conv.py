@@ -110,6 +110,11 @@ def conv_features(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, im
     if weight.dim() != 3 or weight.shape[0] != kmap.kernel_volume or weight.shape[1] != feats.shape[1]:
         raise ValueError(f"sparse conv: weight {tuple(weight.shape)} does not fit kernel volume "
                          f"{kmap.kernel_volume} and {feats.shape[1]} input channels")
+    dev = feats.device.type
+    if feats.is_floating_point() and torch.is_autocast_enabled(dev):
+        # Like F.conv3d under autocast: compute in the autocast dtype (e.g. fp16 on CUDA), whatever the
+        # dtype of the voxel features and of the (fp32 master) weight.
+        feats = feats.to(torch.get_autocast_dtype(dev))
     if weight.dtype != feats.dtype:
         weight = weight.to(feats.dtype)
     return SparseConvFunction.apply(feats, weight, kmap, impl)
