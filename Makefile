@@ -10,7 +10,7 @@ DATA   ?= data/synthetic
 WORK   ?= work_dirs/demo
 JOBS   ?= 2
 
-.PHONY: install demo test test-slow test-gpu bench clean
+.PHONY: install demo test test-slow test-gpu gpu-check bench clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test-slow: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+# A GPU machine, no install and no internet: the gpu tests and the op and model benchmarks into $(OUT)
+# (report.md, report.json, logs/), within 8 minutes. Uses .venv's python if there is one, else $(PYTHON).
+# GPU_CHECK_ARGS: more options of tools/gpu_check.py (--only, --skip, --timeout-scale, --pytest-args, ...).
+OUT ?= work_dirs/gpu_check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_bev_pool.py

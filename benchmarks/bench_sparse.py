@@ -1,13 +1,16 @@
 """Sparse convolution: ours vs spconv 2.3.8 on a LiDAR-like scene, in one run.
 
 usage: python benchmarks/bench_sparse.py [--device cpu|cuda] [--quick] [--dtype fp32,fp16] [--no-spconv]
+                                        [--small] [--skip-layers] [--json PATH]
 
 Scene: a ray-cast 32-beam spinning LiDAR (elevations -30.67..+10.67 deg, 1600 azimuth steps, mounted
 1.84 m above the ground), 10 sweeps at 20 Hz while driving at 12 m/s, hitting cars, poles, two rows of
 buildings and bushes; voxelised at 0.075 x 0.075 x 0.2 m in [-54, 54]^2 x [-5, 3] m, mean of 5 point
 features, into BEVFusion's 1440 x 1440 x 41 grid with (batch, x, y, z) indices. About 110k voxels.
+`--small`: one sweep of 100 azimuth steps (about 2.8k voxels, same grid; ours at one thread count) for a
+quick check.
 
-Timed (per frame, batch 1):
+Timed (per frame, batch 1; (c) for every dtype first, then (a) and (b)):
  (a) SubMConv3d 16->16 k3 at level 0: kernel map + conv; conv only (cached map); conv fwd+bwd
  (b) SparseConv3d 16->32 k3 s2 p1 at level 0: kernel map + conv fwd; fwd+bwd
  (c) the BEVFusion SparseEncoder (nuScenes 0.075 config, basic blocks) incl. the dense BEV output
@@ -17,13 +20,17 @@ Timed (per frame, batch 1):
      the same network for us.
 On CPU, spconv runs with one torch thread (it returns wrong values with more); ours is timed at one
 thread (the fair ratio) and at all threads. Peak memory of the encoder forward: CUDA max allocated, or
-on CPU the peak RSS growth of a child process that runs one forward.
+on CPU the peak RSS growth of a child process that runs one forward (not with --small).
+
+spconv is optional: it is first imported in a child process (a broken install can crash the
+interpreter); if that fails, its rows are skipped with the reason. `--json PATH` writes the rows in the
+shared benchmark format (benchmarks/common.py), rewritten after every table; a contender that fails is
+recorded as skipped with its reason, and if one of ours fails the run exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import resource
 import statistics
@@ -37,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, device_name, print_table  # noqa: E402
+from common import JsonReport, Record, Row, device_name, one_line, probe_import  # noqa: E402
 
 from bevfusion.ops.sparse import SparseTensor, to_spconv2  # noqa: E402
 from bevfusion.ops.sparse import nn as snn  # noqa: E402
@@ -95,16 +102,16 @@ def _cast(origin: np.ndarray, dirs: np.ndarray, boxes: np.ndarray) -> np.ndarray
     return t
 
 
-def make_scene(seed: int = 0):
+def make_scene(seed: int = 0, sweeps: int = 10, azimuths: int = 1600):
     """Returns coords (N, 4) int32 (batch 0, x, y, z) and feats (N, 5) float32 (x, y, z, intensity, lag)."""
     rng = np.random.default_rng(seed)
     boxes = _obstacles(rng)
     elev = np.deg2rad(np.linspace(-30.67, 10.67, 32))
     pts = []
-    for sweep in range(10):
+    for sweep in range(sweeps):
         lag = sweep * 0.05
         origin = np.array([-12.0 * lag, 0.0, 1.84])
-        az = np.arange(1600) * (2 * np.pi / 1600) + rng.uniform(0, 2 * np.pi / 1600)
+        az = np.arange(azimuths) * (2 * np.pi / azimuths) + rng.uniform(0, 2 * np.pi / azimuths)
         e, a = np.meshgrid(elev, az, indexing="ij")
         d = np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], -1).reshape(-1, 3)
         t = _cast(origin, d, boxes)
@@ -124,13 +131,19 @@ def make_scene(seed: int = 0):
     return coords.astype(np.int32), feats.astype(np.float32)
 
 
-def load_scene():
-    path = os.path.join(tempfile.gettempdir(), "bevfusion_bench_sparse_scene_v1.npz")
+def load_scene(small: bool = False):
+    """The scene, cached in the temp folder (building the full one takes seconds)."""
+    path = os.path.join(tempfile.gettempdir(), f"bevfusion_bench_sparse_scene_v1{'_small100' if small else ''}.npz")
     if os.path.exists(path):
-        d = np.load(path)
-        return d["coords"], d["feats"]
-    coords, feats = make_scene()
-    np.savez(path, coords=coords, feats=feats)
+        try:
+            d = np.load(path)
+            return d["coords"], d["feats"]
+        except (OSError, ValueError, KeyError):  # a truncated cache from a killed run: rebuild it
+            pass
+    coords, feats = make_scene(sweeps=1, azimuths=100) if small else make_scene()
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, coords=coords, feats=feats)
+    os.replace(tmp, path)
     return coords, feats
 
 
@@ -218,10 +231,12 @@ def build_spconv(ours: nn.Module, keyed: bool) -> nn.Module:
 
 # ----------------------------------------------------------------------------- measurements
 def _spconv():
-    try:
-        import spconv.pytorch as sp
-    except ImportError:
+    """spconv.pytorch, or None if it does not import (tried in a child first: it can crash)."""
+    _, why = probe_import("spconv.pytorch")
+    if why is not None:
         return None
+    import spconv.pytorch as sp
+
     return sp
 
 
@@ -229,13 +244,16 @@ class Runner:
     """Times contenders round-robin (one call of each in turn, repeated), so that load from other
     processes on a shared machine hits all of them alike, and prints one table per measurement."""
 
-    def __init__(self, device: str, quick: bool):
+    def __init__(self, device: str, quick: bool, report: JsonReport):
         self.device = device
         self.quick = quick
-        self.records: list[dict] = []
+        self.report = report
+        self.failed: list[str] = []
 
-    def compare(self, title: str, contenders: list[tuple[str, object, int]], heavy: bool = False) -> None:
-        """contenders: (label, fn, torch threads). Reports median wall and CPU time per call."""
+    def compare(self, title: str, contenders: list[tuple[str, object, int]], heavy: bool = False,
+                dtype: str = "fp32", extra: dict | None = None) -> None:
+        """contenders: (label, fn, torch threads). Reports median wall and CPU time per call.
+        extra: label -> (relerr, note) added to that row."""
         if self.device == "cuda":
             reps = 10 if self.quick else 30
         else:
@@ -246,8 +264,14 @@ class Runner:
                 self._call(fn, nt)  # warm-up (compiles, tunes, builds caches)
                 live.append((label, fn, nt))
             except Exception as e:  # noqa: BLE001 - e.g. spconv CPU has no backward
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[-1][:90]
-                print(f"\n{label}: not timed ({type(e).__name__}: {msg})")
+                if not label.startswith("spconv"):
+                    import traceback
+
+                    traceback.print_exc()
+                    self.failed.append(f"{title}: {label}")
+                self.report.skip(f"{title}: {label}", f"not timed: {one_line(e)}")
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
         walls = {lab: [] for lab, _, _ in live}
         cpus = {lab: [] for lab, _, _ in live}
         for _ in range(reps):
@@ -261,14 +285,17 @@ class Runner:
         off = next((n for n in ("spconv official, 1 thread", "spconv official") if n in med), None)
         rows = []
         for label, (w, c) in med.items():
-            notes = [f"cpu {c:.1f} ms"] if self.device == "cpu" else []
+            err, note = (extra or {}).get(label, (None, ""))
+            notes = [note] if note else []
+            if self.device == "cpu":
+                notes.append(f"cpu {c:.1f} ms")
             if off and not label.startswith("spconv"):
                 notes.append(f"{med[off][0] / w:.2f}x vs spconv official")
             if ref and self.device == "cpu" and not label.startswith("spconv"):
                 notes.append(f"cpu-time ratio {med[ref][1] / c:.2f}x")
-            rows.append(Row(label, w, "; ".join(notes)))
-            self.records.append(dict(what=title, who=label, wall_ms=w, cpu_ms=c, reps=reps))
-        print_table(title, rows, baseline=ref)
+            notes.append(f"median of {reps}")
+            rows.append(Row(label, w, "; ".join(notes), relerr=err))
+        self.report.table(title, rows, dtype, baseline=ref)
 
     def _call(self, fn, nt: int) -> tuple[float, float]:
         if self.device == "cpu":
@@ -339,14 +366,17 @@ def bench_layers(run: Runner, coords, dtype, dn, sp, thread_list):
         a3.append((lab, lambda: s_key(warm_g).features.backward(g16), 1))
         b1.append((lab, no_grad(lambda: s_down(sp_tensor(x16))), 1))
         b2.append((lab, lambda: s_down(sp_tensor(xg)).features.backward(gd), 1))
-    run.compare(f"(a) SubMConv3d 16->16 k3 at L0 ({n} voxels): kernel map + conv, fwd [{dn}]", a1)
-    run.compare(f"(a) same, conv only (cached map), fwd [{dn}]", a2)
-    run.compare(f"(a) same, conv only (cached map), fwd+bwd [{dn}]", a3)
-    run.compare(f"(b) SparseConv3d 16->32 k3 s2 p1 at L0: kernel map + conv, fwd [{dn}]", b1)
-    run.compare(f"(b) same, fwd+bwd [{dn}]", b2)
+    run.compare(f"(a) SubMConv3d 16->16 k3 at L0 ({n} voxels): kernel map + conv, fwd [{dn}]", a1, dtype=dn)
+    run.compare(f"(a) same, conv only (cached map), fwd [{dn}]", a2, dtype=dn)
+    run.compare(f"(a) same, conv only (cached map), fwd+bwd [{dn}]", a3, dtype=dn)
+    run.compare(f"(b) SparseConv3d 16->32 k3 s2 p1 at L0: kernel map + conv, fwd [{dn}]", b1, dtype=dn)
+    run.compare(f"(b) same, fwd+bwd [{dn}]", b2, dtype=dn)
 
 
-def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
+ENCODER_FWD = "(c) SparseEncoder fwd (eval BN), kernel maps + dense BEV (1, 256, 180, 180)"
+
+
+def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list, small=False):
     dev = run.device
     torch.manual_seed(0)
     ours = build_ours().to(dev)
@@ -363,16 +393,23 @@ def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
             return SparseTensor(ff, coords, SPARSE_SHAPE, batch_size=1)
         return sp.SparseConvTensor(ff, coords, list(SPARSE_SHAPE), 1)
 
+    extra = {}
     if sp is not None:  # same weights, same BN: the outputs must agree (spconv at one thread)
         if dev == "cpu":
             torch.set_num_threads(1)
-        with torch.no_grad():
-            for _, m in nets:
-                m.eval()
-            a = nets[0][1](inp("ours", f)).float()
-            b = nets[2][1](inp("spconv", f)).float()
-            err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
-        print(f"\nencoder output {tuple(a.shape)}: max |ours - spconv| / max |spconv| = {err:.2e}")
+        try:
+            with torch.no_grad():
+                for _, m in nets:
+                    m.eval()
+                a = nets[0][1](inp("ours", f)).float()
+                b = nets[2][1](inp("spconv", f)).float()
+                err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+            print(f"\nencoder output {tuple(a.shape)}: max |ours - spconv| / max |spconv| = {err:.2e}")
+            for nt in thread_list:
+                extra[_label("ours", nt, dev)] = (err, "relerr: max |ours - spconv keyed| / max |spconv keyed|")
+            del a, b
+        except Exception as e:  # noqa: BLE001 - the timing below says which side fails
+            run.report.skip(f"encoder output check ours vs spconv [{dn}]", f"failed: {one_line(e)}")
 
     def fwd(name, m):
         def f_():
@@ -392,26 +429,51 @@ def bench_encoder(run: Runner, coords, feats5, dtype, dn, sp, thread_list):
         for nt in (thread_list if name == "ours" else [1]):
             cf.append((_label(name, nt, dev), fwd(name, m), nt))
             cb.append((_label(name, nt, dev), fwd_bwd(name, m), nt))
-    run.compare(f"(c) SparseEncoder fwd (eval BN), kernel maps + dense BEV (1, 256, 180, 180) [{dn}]", cf, heavy=True)
-    run.compare(f"(c) SparseEncoder fwd+bwd (train BN, loss = sum) [{dn}]", cb, heavy=True)
+    run.compare(f"{ENCODER_FWD} [{dn}]", cf, heavy=True, dtype=dn, extra=extra)
+    run.compare(f"(c) SparseEncoder fwd+bwd (train BN, loss = sum) [{dn}]", cb, heavy=True, dtype=dn)
     for _, m in nets:
         m.eval()
-    mem = []
-    for name, _ in nets:
-        mb = peak_memory(run.device, name, dn)
-        if mb is not None:
-            mem.append((name, mb))
-    if mem:
-        kind = "CUDA max allocated growth" if dev == "cuda" else "peak RSS growth (VmHWM) of a child process"
-        print(f"\n## (c) encoder fwd peak memory [{dn}] ({kind})")
-        for name, mb in mem:
-            print(f"| {name:<20} | {mb:8.1f} MiB |")
-            run.records.append(dict(what=f"encoder fwd peak memory [{dn}]", who=name, mib=mb))
+    if dev != "cuda" and small:
+        run.report.skip(f"encoder fwd peak memory [{dn}]", "CPU with --small: no child-process RSS measurement")
+        return
+    title = f"(c) encoder fwd peak memory [{dn}]"
+    kind = ("CUDA max allocated on top of the inputs (one forward after warm-up, output included)" if dev == "cuda"
+            else "peak RSS growth (VmHWM) of a child process")
+    for name, m in nets:
+        try:
+            if dev == "cuda":
+                mb = cuda_encoder_peak(lambda: m(inp(name, f)))
+            else:
+                mb = peak_memory(run.device, name, dn, small)
+        except Exception as e:  # noqa: BLE001
+            mb, why = None, one_line(e)
+        else:
+            why = "the measuring child failed (see the log)"
+        if mb is None:
+            run.report.skip(f"{title}: {name}", why)
+            continue
+        print(f"{title}: {name}: {mb:.1f} MiB ({kind})")
+        run.report.add(Record(table=title, what=name, dtype=dn, peak_mib=mb, note=kind))
 
 
-def peak_memory(device: str, who: str, dn: str) -> float | None:
+def cuda_encoder_peak(run_once) -> float:
+    """Peak CUDA memory (MiB) one no-grad forward allocates on top of what is allocated before it."""
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run_once()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+    return peak / 2**20
+
+
+def peak_memory(device: str, who: str, dn: str, small: bool = False) -> float | None:
     """Peak memory of one encoder forward (eval, no grad), measured in a fresh child process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", who, "--device", device, "--dtype", dn]
+    if small:
+        cmd.append("--small")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"memory child for {who} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -431,10 +493,10 @@ def _vm_hwm_kib() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def mem_child(who: str, device: str, dn: str) -> None:
+def mem_child(who: str, device: str, dn: str, small: bool = False) -> None:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dn]
     torch.set_num_threads(1)
-    c, f = load_scene()
+    c, f = load_scene(small)
     coords = torch.from_numpy(c).to(device)
     feats = torch.from_numpy(f).to(device, dtype)
     torch.manual_seed(0)
@@ -451,12 +513,12 @@ def mem_child(who: str, device: str, dn: str) -> None:
     with torch.no_grad():
         # one-time library loading (numba's compiled kernels, spconv's kernels) is not per-forward memory:
         # run both nets once on a tiny input first
-        small = coords[:: max(1, coords.shape[0] // 500)].contiguous()
-        fs = feats[: small.shape[0]]
+        tiny = coords[:: max(1, coords.shape[0] // 500)].contiguous()
+        fs = feats[: tiny.shape[0]]
         if who == "ours":
-            net(SparseTensor(fs, small, SPARSE_SHAPE, batch_size=1))
+            net(SparseTensor(fs, tiny, SPARSE_SHAPE, batch_size=1))
         else:
-            net(sp.SparseConvTensor(fs, small, list(SPARSE_SHAPE), 1))
+            net(sp.SparseConvTensor(fs, tiny, list(SPARSE_SHAPE), 1))
         if device == "cuda":
             run()  # compile / tune outside the measured call
             torch.cuda.synchronize()
@@ -477,48 +539,68 @@ def mem_child(who: str, device: str, dn: str) -> None:
             print((peak - base) / 1024)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None,
                     help="comma list of fp32, fp16, bf16 (default fp32 on CPU, fp32,fp16 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--small", action="store_true", help="a small scene (one short sweep) for a quick check")
     ap.add_argument("--no-spconv", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the records to this file")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write the rows here (shared benchmark format)")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.mem_child:
-        mem_child(args.mem_child, args.device, args.dtype or "fp32")
-        return
+    args = ap.parse_args(argv)
     dts = (args.dtype or ("fp32" if args.device == "cpu" else "fp32,fp16")).split(",")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    bad = [d for d in dts if d not in dtypes]
+    if bad:
+        ap.error(f"--dtype: unknown {bad} (choose from {sorted(dtypes)})")
+    if args.mem_child:
+        mem_child(args.mem_child, args.device, dts[0], args.small)
+        return 0
     threads = torch.get_num_threads()
-    thread_list = sorted({1, threads}) if args.device == "cpu" else [threads]
-    run = Runner(args.device, args.quick)
+    thread_list = sorted({1, threads}) if args.device == "cpu" and not args.small else [threads]
+    report = JsonReport(args.json, "sparse", device_name(args.device))
+    run = Runner(args.device, args.quick, report)
     t0 = time.time()
-    c, f = load_scene()
+    c, f = load_scene(args.small)
     coords = torch.from_numpy(c).to(args.device)
     feats = torch.from_numpy(f).to(args.device)
-    sp = None if args.no_spconv else _spconv()
+    if args.no_spconv:
+        sp = None
+        report.skip("spconv rows", "--no-spconv")
+    else:
+        ver, why = probe_import("spconv.pytorch")
+        sp = None
+        if why is None:
+            try:
+                import spconv.pytorch as sp
+            except Exception as e:  # noqa: BLE001 - imported in the child but not here
+                why = f"import spconv.pytorch failed: {one_line(e)}"
+        if why is not None:
+            report.skip("spconv rows (official and keyed)", why)
     print(f"# bench_sparse: {device_name(args.device)}; torch {torch.__version__}; "
-          f"spconv {'absent' if sp is None else __import__('spconv').__version__}")
+          f"spconv {'absent' if sp is None else ver}")
     print(f"scene: {coords.shape[0]} voxels in {SPARSE_SHAPE} (scene build/load {time.time() - t0:.1f} s)")
     print("load average at start: %.1f %.1f %.1f" % os.getloadavg())
     if args.device == "cpu":
         print("spconv runs with 1 torch thread (wrong results with more); ours at 1 thread and at "
               f"{threads} threads")
+    # the encoders first: if a time limit stops the run, the whole-network numbers are already written
     for dn in dts:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dn]
-        if not args.skip_layers:
-            bench_layers(run, coords, dtype, dn, sp, thread_list)
-        bench_encoder(run, coords, feats, dtype, dn, sp, thread_list)
+        bench_encoder(run, coords, feats, dtypes[dn], dn, sp, thread_list, small=args.small)
+    if not args.skip_layers:
+        for dn in dts:
+            bench_layers(run, coords, dtypes[dn], dn, sp, thread_list)
     torch.set_num_threads(threads)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=device_name(args.device), records=run.records), fh, indent=1)
     print("\nload average at end: %.1f %.1f %.1f" % os.getloadavg())
     print(f"total {time.time() - t0:.0f} s")
+    if run.failed:
+        print(f"contenders of ours that failed: {run.failed}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
