@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s (%s)", args.checkpoint, report)
     model.to(device)
     amp = torch.float16 if cfg.get("fp16") and device.type == "cuda" else None
+    log.info("inference on %s%s, %d samples", device, " with fp16 autocast" if amp else "", len(dataset))
     records = gather_results(run_inference(model, loader, device, amp), size=len(dataset))
     if rank != 0:
         return 0

@@ -155,7 +155,8 @@ class BEVFusion(nn.Module):
                 if isinstance(value, torch.Tensor) and value.requires_grad:
                     outputs[f"loss/{name}/{key}"] = value * self.loss_scale[name]
                 else:
-                    outputs[f"stats/{name}/{key}"] = torch.as_tensor(value).detach()
+                    # on the model's device: the trainer stacks every logged value into one tensor
+                    outputs[f"stats/{name}/{key}"] = torch.as_tensor(value, device=x.device).detach()
         return outputs
 
     def _predict(self, x: torch.Tensor, metas) -> list[dict[str, torch.Tensor]]:

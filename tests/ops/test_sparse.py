@@ -423,3 +423,17 @@ def test_conv_follows_autocast_dtype():
     assert w.grad is not None and w.grad.dtype == torch.float32 and bool(torch.isfinite(w.grad).all())
     z = subm_conv3d(x, w, 3)  # outside autocast: fp32 as before
     assert z.feats.dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", ["gather", "im2col"])
+def test_every_cpu_dataflow_runs_under_autocast(impl):
+    """Each dataflow computes in the autocast dtype without mixing dtypes internally (index_add of a
+    half-precision product into a float32 buffer used to fail)."""
+    x = random_tensor(shape=(9, 8, 7), batch=2, density=0.3, empty=(), cin=4, dtype=torch.float32)
+    w = torch.randn(27, 4, 8)
+    ref = subm_conv3d(x, w, 3, impl=impl).feats
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = subm_conv3d(x, w, 3, impl=impl).feats
+        z = sparse_conv3d(x, w, 3, 2, 1, impl=impl).feats
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-2

@@ -12,6 +12,7 @@ geometry inputs stay the same, so a fixed rig does no sort per frame.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -21,6 +22,17 @@ from bevfusion.ops.bev_pool import bev_pool_plan, bev_pool_with_plan, grid_from_
     points_to_bev_coords
 
 __all__ = ["BaseTransform", "LSSTransform", "DepthLSSTransform"]
+
+
+def _fp32_geometry(fn):
+    """Run `fn` with autocast off, as upstream's `force_fp32`: under fp16 autocast its matmuls would round
+    frustum points and LiDAR projections to fp16 (0.03 m at 50 m), moving them across BEV cells and pixels."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -67,11 +79,12 @@ class BaseTransform(nn.Module):
         ys = torch.linspace(0, iH - 1, fH, dtype=torch.float32).view(1, fH, 1).expand(D, fH, fW)
         return torch.stack((xs, ys, ds), -1)
 
+    @_fp32_geometry
     def get_geometry(self, camera2lidar: torch.Tensor, camera_intrinsics: torch.Tensor,
                      img_aug_matrix: torch.Tensor, lidar_aug_matrix: torch.Tensor) -> torch.Tensor:
         """Frustum points in the augmented LiDAR frame: (B, N, D, fH, fW, 3), float32."""
         B, N = camera2lidar.shape[:2]
-        f32 = lambda t: t.float()  # noqa: E731  (geometry stays in fp32 under autocast, as upstream)
+        f32 = lambda t: t.float()  # noqa: E731  (fp16/bf16 inputs; autocast is off here)
         post_rots, post_trans = f32(img_aug_matrix[..., :3, :3]), f32(img_aug_matrix[..., :3, 3])
         points = self.frustum.float() - post_trans.view(B, N, 1, 1, 1, 3)
         points = torch.linalg.inv(post_rots).view(B, N, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1)).squeeze(-1)
@@ -168,6 +181,7 @@ class DepthLSSTransform(BaseTransform):
         )
         self.downsample = _make_downsample(out_channels, downsample)
 
+    @_fp32_geometry
     def depth_image(self, points: Sequence[torch.Tensor], lidar2image: torch.Tensor, img_aug_matrix: torch.Tensor,
                     lidar_aug_matrix: torch.Tensor) -> torch.Tensor:
         """(B, N, 1, H, W) sparse depth from the (augmented-frame) points; 0 where no point lands."""

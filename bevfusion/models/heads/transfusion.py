@@ -316,7 +316,8 @@ class TransFusionHead(nn.Module):
         bev_pos = self.bev_pos
         if bev_pos is None or bev_pos.shape[1] != X * Y:
             bev_pos = self.create_2D_grid(X, Y)
-        bev_pos = bev_pos.to(feat.device, feat.dtype).expand(B, -1, -1)
+        # at least fp32 under autocast, as upstream: fp16 rounds the cell centres of a 180-cell grid to 1/8 cell
+        bev_pos = bev_pos.to(feat.device, torch.promote_types(feat.dtype, torch.float32)).expand(B, -1, -1)
 
         dense_heatmap = self.heatmap_head(feat)
         heatmap = local_max_suppression(dense_heatmap.detach().sigmoid(), self.nms_kernel_size,

@@ -117,7 +117,8 @@ def conv_features(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, im
         feats = feats.to(torch.get_autocast_dtype(dev))
     if weight.dtype != feats.dtype:
         weight = weight.to(feats.dtype)
-    return SparseConvFunction.apply(feats, weight, kmap, impl)
+    with torch.autocast(dev, enabled=False):  # every dataflow then computes in feats' dtype, none re-casts
+        return SparseConvFunction.apply(feats, weight, kmap, impl)
 
 
 def _bias(out: torch.Tensor, bias):
