@@ -96,6 +96,14 @@ def kernel_offsets(kernel_size, dilation, device) -> torch.Tensor:
     return (g.reshape(-1, 3) * torch.tensor(dilation)).to(device)
 
 
+def _offsets_on(kernel_size, dilation, shift, device) -> torch.Tensor:
+    """(K, 3) int64 offsets i*dilation - shift, k = (ix*ky + iy)*kz + iz, computed on `device`."""
+    kx, ky, kz = kernel_size
+    k = torch.arange(kx * ky * kz, device=device)
+    cols = (k // (ky * kz), (k // kz) % ky, k % kz)
+    return torch.stack([c * d - s for c, d, s in zip(cols, dilation, shift)], 1)
+
+
 def conv_out_shape(spatial_shape, kernel_size, stride, padding, dilation) -> tuple[int, int, int]:
     return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
                  for n, k, s, p, d in zip(spatial_shape, kernel_size, stride, padding, dilation))  # type: ignore
@@ -167,7 +175,7 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
     dev = x.coords.device
     K = ks[0] * ks[1] * ks[2]
     centre = (K - 1) // 2
-    offs = kernel_offsets(ks, dil, dev) - torch.tensor([(k - 1) // 2 * d for k, d in zip(ks, dil)], device=dev)
+    offs = _offsets_on(ks, dil, [(k - 1) // 2 * d for k, d in zip(ks, dil)], dev)
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=dev)
         km = KernelMap(e, e, [0] * (K + 1), 0, 0, centre)
@@ -187,9 +195,9 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
     skeys, order, dup = _sorted_keys(x)
     c = x.coords.long()
     q = c[None, :, 1:] + offs[:, None, :]  # (K, N, 3)
-    shape = torch.tensor(x.spatial_shape, device=dev)
-    inb = ((q >= 0) & (q < shape)).all(-1)  # (K, N)
-    qk = ((c[None, :, 0] * shape[0] + q[..., 0]) * shape[1] + q[..., 1]) * shape[2] + q[..., 2]
+    X, Y, Z = x.spatial_shape
+    inb = (q >= 0).all(-1) & (q[..., 0] < X) & (q[..., 1] < Y) & (q[..., 2] < Z)  # (K, N)
+    qk = ((c[None, :, 0] * X + q[..., 0]) * Y + q[..., 1]) * Z + q[..., 2]
     qk = torch.where(inb, qk, torch.full_like(qk, -1))
     pos = torch.searchsorted(skeys, qk).clamp_(max=n - 1)
     found = (skeys[pos] == qk) & inb
@@ -202,6 +210,7 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
     out_idx = sel % n
     in_idx = order[pos.reshape(-1)[sel]]
     km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
+    km._lazy["koff"] = sel // n
     x.cache.put(key, km)
     return km
 
@@ -228,7 +237,7 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
                          f"kernel {ks}, stride {st}, padding {pad}, dilation {dil}")
     K = ks[0] * ks[1] * ks[2]
     n = x.coords.shape[0]
-    offs = kernel_offsets(ks, dil, dev)
+    offs = _offsets_on(ks, dil, (0, 0, 0), dev)
     if _use_numba(x, impl):
         from .cpu import conv_pairs_numba
 
@@ -241,10 +250,11 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
         x.cache.put(key, res)
         return res
     c = x.coords.long()
-    num = c[None, :, 1:] + torch.tensor(pad, device=dev) - offs[:, None, :]  # (K, N, 3) = o*stride
-    st_t = torch.tensor(st, device=dev)
-    o = torch.div(num, st_t, rounding_mode="floor")
-    ok = ((o * st_t == num) & (o >= 0) & (o < torch.tensor(out_shape, device=dev))).all(-1)  # (K, N)
+    num = c[None, :, 1:] - offs[:, None, :]  # (K, N, 3) = o*stride - padding
+    o = torch.stack([torch.div(num[..., a] + pad[a], st[a], rounding_mode="floor") for a in range(3)], -1)
+    ok = (o >= 0).all(-1)  # (K, N)
+    for a in range(3):
+        ok &= (o[..., a] * st[a] == num[..., a] + pad[a]) & (o[..., a] < out_shape[a])
     okeys = ((c[None, :, 0] * out_shape[0] + o[..., 0]) * out_shape[1] + o[..., 1]) * out_shape[2] + o[..., 2]
     # The distinct output keys without torch.unique (whose size needs a sync): sort all K*N candidate keys,
     # rejected ones as a sentinel above every real key, and number the first of each run.
@@ -263,6 +273,7 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
     inv[perm] = run  # output row of each (k, input) candidate
     sel = _compact(ok, ptr[-1])  # flat (k, input) indices of the pairs, grouped by offset
     km = KernelMap(sel % n, inv[sel], ptr, n, n_out, None)
+    km._lazy["koff"] = sel // n
     out_coords = keys_to_coords(uniq, out_shape)
     cid = next(_coord_ids)
     x.cache.put(("sorted_keys", cid), (uniq, torch.arange(n_out, device=dev)))  # unique and sorted already
