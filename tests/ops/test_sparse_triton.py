@@ -23,7 +23,8 @@ def _case(kind, x, w, impl):
         return sparse_conv3d(x, w, 3, 2, 1, impl=impl)
     if kind == "conv_aniso":
         return sparse_conv3d(x, w, (1, 1, 3), (1, 1, 2), 0, impl=impl)
-    y = sparse_conv3d(x, torch.ones(27, x.feats.shape[1], x.feats.shape[1], dtype=x.feats.dtype), 3, 2, 1)
+    ones = torch.ones(27, x.feats.shape[1], x.feats.shape[1], dtype=x.feats.dtype, device=x.feats.device)
+    y = sparse_conv3d(x, ones, 3, 2, 1)
     return sparse_inverse_conv3d(y.replace_feature(x.feats[: y.feats.shape[0]]), w, 3, 2, 1, impl=impl)
 
 
@@ -159,3 +160,16 @@ def test_every_autotune_candidate_is_correct():
                 torch.testing.assert_close(tk.wgrad(x.feats, gy, km, cfg).double(), dw_ref, rtol=1e-4, atol=1e-4)
                 continue
             torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_block_table_matches_naive_loop(block):
+    """Per-program (offset, start, end) rows: every pair in exactly one block, none straddling offsets."""
+    from bevfusion.ops.sparse import build_subm_kmap
+    from bevfusion.ops.sparse.triton import _block_table
+
+    km = build_subm_kmap(_tiny(torch.float32), 3)
+    ks, ss, es = _block_table(km, block, "cpu")
+    exp = [(k, s, min(s + block, km.ptr[k + 1])) for k in range(km.kernel_volume)
+           for s in range(km.ptr[k], km.ptr[k + 1], block)]
+    assert list(zip(ks.tolist(), ss.tolist(), es.tolist())) == exp

@@ -23,7 +23,7 @@ Ties in score keep the lower index first (stable sort). The ops are not differen
 flows through IoU / masks / indices); corners are.
 
 Implementations (`impl`): "reference" (Python loops, float64: the oracle), "cpu" (numba, float64),
-"triton" (CUDA tensors, float32 arithmetic (float64 for float64 input); CPU tensors under
+"triton" (CUDA tensors, float32 arithmetic; float64 boxes take the CPU path for IoU and NMS; CPU tensors under
 TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors, cpu otherwise). Importing this package needs
 torch only.
 """
@@ -94,6 +94,9 @@ def _iou_2d(a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str) -> torch
     if impl == "triton":
         from . import triton as triton_impl
 
+        if a.is_cuda and a.dtype not in triton_impl.IOU_GPU_DTYPES:
+            # float64 boxes on a GPU: the CPU path in float64 (see IOU_GPU_DTYPES), result back on the GPU
+            return _iou_2d(a.cpu(), b.cpu(), aligned, "cpu").to(a.device)
         return triton_impl.rotated_iou_bev(a, b, aligned)
     if impl == "cpu" and _has_numba():
         from . import cpu
@@ -166,7 +169,7 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
     if impl == "triton":
         from . import triton as triton_impl
 
-        over = triton_impl.rotated_iou_bev(cand, cand, False) > thr
+        over = _iou_2d(cand, cand, False, impl) > thr
         pos = cpu.greedy_from_mask(over, n_post)
     elif _has_numba():
         pos = cpu.nms_sorted(cand, thr, n_post)
