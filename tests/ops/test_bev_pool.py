@@ -401,57 +401,6 @@ class TestBadInput:
             assert float(out.sum()) == 2.0 and float(out[1, :, 1, 1, 1].sum()) == 2.0
 
 
-# ----------------------------------------------------------------------------- Triton ahead-of-time
-_AOT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import bevfusion.ops.bev_pool.triton as T
-
-dt, f64 = sys.argv[1], sys.argv[1] == "fp64"
-c = 80
-bc = T._block_c(c)
-fwd = T._fwd_meta(c, {"fp32": T.torch.float32, "fp16": T.torch.float16, "bf16": T.torch.bfloat16,
-                      "fp64": T.torch.float64}[dt])
-P, I = f"*{dt}", "*i64"
-kernels = [
-    (T._pool_fwd_kernel, [P, I, I, I, P, "i32"],
-     dict(BLOCK_P=fwd["BLOCK_P"], BLOCK_C=bc, IS_F64=f64), fwd["num_warps"]),
-    (T._pool_bwd_kernel, [P, I, P, "i32", "i32"], dict(BLOCK_P=T.BWD_BLOCK_P[0], BLOCK_C=bc), T.BWD_NUM_WARPS),
-    (T._lift_fwd_kernel, [P, P, I, I, I, P, "i32", "i32", "i32"],
-     dict(BLOCK_P=fwd["BLOCK_P"], BLOCK_C=bc, IS_F64=f64), fwd["num_warps"]),
-    (T._lift_bwd_depth_kernel, [P, P, I, P, "i32", "i32", "i32", "i32"],
-     dict(BLOCK_P=T.LIFT_BWD_DEPTH_BLOCK_P[0], BLOCK_C=bc, IS_F64=f64), T.BWD_NUM_WARPS),
-    (T._lift_bwd_feats_kernel, [P, P, I, P, "i32", "i32", "i32", "i32"],
-     dict(BLOCK_Q=T.LIFT_BWD_FEATS_BLOCK_Q[0], BLOCK_C=bc, IS_F64=f64), T.BWD_NUM_WARPS),
-]
-for fn, types, consts, warps in kernels:
-    names = [n for n in fn.arg_names if n not in consts]
-    sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
-    # What the JIT specialises at run time: 16-byte aligned pointers, C = 80 divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(zip(names, types)) if t[0] == "*" or n == "C"}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps})
-print("compiled", len(kernels))
-"""
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_triton_kernels_compile_for_sm90(dtype, tmp_path):
-    """The interpreter does not type-check like the compiler: compile every kernel to an sm_90 cubin
-    (no GPU needed) with the launchers' GPU parameters."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _AOT, dtype], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and "compiled 5" in res.stdout, res.stderr[-3000:]
-
-
 # ----------------------------------------------------------------------------- GPU (pytest -m gpu)
 @pytest.mark.gpu
 @cuda_only

@@ -424,49 +424,6 @@ class TestGpu:
         assert torch.equal(got32[:5000][~near], exp[:5000][~near])
 
 
-# ----------------------------------------------------------------------------- Triton ahead-of-time
-_AOT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import bevfusion.ops.boxes.triton as B
-
-which = sys.argv[1]
-n = 0
-for f64 in (False, True):
-    cdt = "fp64" if f64 else "fp32"
-    if which == "points":
-        todo = [(B._points_kernel, [f"*{cdt}", "i32", "i32", f"*{cdt}", "*i8", "i32", "i32"],
-                 dict(F64=f64, BLOCK_P=64, BLOCK_M=32))]
-    else:
-        todo = [(B._iou_kernel, [f"*{cdt}"] * 3 + ["i32", "i32"], dict(ALIGNED=a, F64=f64, BLOCK=B.BLOCK_PAIRS))
-                for a in (False, True)]
-    for fn, types, consts in todo:
-        names = [a for a in fn.arg_names if a not in consts]
-        sig = dict(zip(names, types), **{k: "constexpr" for k in consts})
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-        n += 1
-print("compiled", n)
-"""
-
-
-@pytest.mark.parametrize("which,count", [("points", 2), pytest.param("iou", 4, marks=pytest.mark.slow)])
-def test_triton_kernels_compile_for_sm90(which, count, tmp_path):
-    """The interpreter does not type-check like the compiler: compile the kernels to sm_90 (no GPU
-    needed). The IoU kernel takes 40-90 s per variant to compile on the dev machine: marked slow."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _AOT, which], env=env, capture_output=True, text=True)
-    assert res.returncode == 0 and f"compiled {count}" in res.stdout, res.stderr[-3000:]
-
-
 def test_cpu_without_numba_falls_back_to_reference(monkeypatch):
     import bevfusion.ops.boxes as boxes_mod
 

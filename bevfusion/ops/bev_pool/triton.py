@@ -144,16 +144,68 @@ LIFT_BWD_FEATS_BLOCK_Q = (16, 8)
 BWD_NUM_WARPS = 4
 
 
-def _pick(pair) -> int:
-    return pair[1] if _interpreting() else pair[0]
+def _pick(pair, interpret: bool | None = None) -> int:
+    return pair[1] if (_interpreting() if interpret is None else interpret) else pair[0]
 
 
-def _fwd_meta(c: int, dtype: torch.dtype) -> dict:
-    """Untuned defaults (no GPU was available to tune them): 4 points per step, 1 warp per
-    128-channel row; fp16/bf16 take 8 points per step to keep the same bytes in flight."""
-    if _interpreting():
-        return dict(BLOCK_P=4, num_warps=1)
-    return dict(BLOCK_P=8 if dtype in (torch.float16, torch.bfloat16) else 4, num_warps=1)
+# The launch parameters (constexprs and num_warps) of each kernel, read by its launcher and by
+# `aot_variants` (the ahead-of-time compile test): one table for both. interpret=None: from the
+# environment (TRITON_INTERPRET); True / False: the interpreter's / the GPU's values.
+def _fwd_meta(c: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    """`_pool_fwd_kernel` and `_lift_fwd_kernel`. Untuned defaults (no GPU was available to tune
+    them): 4 points per step, 1 warp per 128-channel row; fp16/bf16 take 8 points per step to keep
+    the same bytes in flight."""
+    meta = dict(BLOCK_C=_block_c(c), IS_F64=dtype == torch.float64, num_warps=1)
+    if _interpreting() if interpret is None else interpret:
+        return dict(meta, BLOCK_P=4)
+    return dict(meta, BLOCK_P=8 if dtype in (torch.float16, torch.bfloat16) else 4)
+
+
+def _pool_bwd_meta(c: int, interpret: bool | None = None) -> dict:
+    return dict(BLOCK_P=_pick(BWD_BLOCK_P, interpret), BLOCK_C=_block_c(c), num_warps=BWD_NUM_WARPS)
+
+
+def _lift_bwd_depth_meta(c: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    return dict(BLOCK_P=_pick(LIFT_BWD_DEPTH_BLOCK_P, interpret), BLOCK_C=_block_c(c),
+                IS_F64=dtype == torch.float64, num_warps=BWD_NUM_WARPS)
+
+
+def _lift_bwd_feats_meta(c: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    return dict(BLOCK_Q=_pick(LIFT_BWD_FEATS_BLOCK_Q, interpret), BLOCK_C=_block_c(c),
+                IS_F64=dtype == torch.float64, num_warps=BWD_NUM_WARPS)
+
+
+def aot_variants() -> list:
+    """Every launch variant the launchers below can produce on a GPU, for `bevfusion.ops.triton_aot`:
+    each supported dtype x each channel block size (C = the block size itself, C = 80 is the same
+    specialisation as C = 128), with the GPU values of the tables above."""
+    from ..triton_aot import I64, launch, ptr
+    from . import SUPPORTED_DTYPES
+
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        f = ptr(dtype)
+        for c in sorted({_block_c(c) for c in range(1, 1025)}):
+            tag = f"{f[1:]} C={c}"
+            fwd = _fwd_meta(c, dtype, interpret=False)
+            out += [
+                launch("bev_pool", _pool_fwd_kernel, tag, hot=True, meta=fwd,
+                       args=dict(feats_ptr=f, order_ptr=I64, cell_ptr_ptr=I64, launch_ptr=I64, out_ptr=f, C=c)),
+                launch("bev_pool", _pool_bwd_kernel, tag, hot=True, meta=_pool_bwd_meta(c, interpret=False),
+                       args=dict(grad_ptr=f, cells_ptr=I64, gfeats_ptr=f, N="i32", C=c)),
+                launch("bev_pool", _lift_fwd_kernel, tag, hot=True, meta=fwd,
+                       args=dict(depth_ptr=f, feats_ptr=f, order_ptr=I64, cell_ptr_ptr=I64, launch_ptr=I64,
+                                 out_ptr=f, C=c, DP="i32", P="i32")),
+                launch("bev_pool", _lift_bwd_depth_kernel, tag, hot=True,
+                       meta=_lift_bwd_depth_meta(c, dtype, interpret=False),
+                       args=dict(grad_ptr=f, feats_ptr=f, cells_ptr=I64, gdepth_ptr=f, N="i32", C=c, DP="i32",
+                                 P="i32")),
+                launch("bev_pool", _lift_bwd_feats_kernel, tag, hot=True,
+                       meta=_lift_bwd_feats_meta(c, dtype, interpret=False),
+                       args=dict(grad_ptr=f, depth_ptr=f, cells_ptr=I64, gfeats_ptr=f, NPIX="i32", C=c, D="i32",
+                                 P="i32")),
+            ]
+    return out
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -162,22 +214,16 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _is_f64(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float64
-
-
 def pool_forward(feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     """(N, C) contiguous features -> (G, C) cell sums, same dtype (fp32 accumulation)."""
     c = feats.shape[1]
     out = torch.empty(plan.num_cells, c, dtype=feats.dtype, device=feats.device)
     if c == 0:
         return out
-    bc = _block_c(c)
     meta = _fwd_meta(c, feats.dtype)
-    grid = (plan.num_cells, triton.cdiv(c, bc))
+    grid = (plan.num_cells, triton.cdiv(c, meta["BLOCK_C"]))
     with _on(feats):
-        _pool_fwd_kernel[grid](feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c, BLOCK_C=bc,
-                               IS_F64=_is_f64(feats), **meta)
+        _pool_fwd_kernel[grid](feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c, **meta)
     return out
 
 
@@ -187,11 +233,10 @@ def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     out = torch.empty(n, c, dtype=grad_cells.dtype, device=grad_cells.device)
     if n == 0 or c == 0:
         return out
-    bc = _block_c(c)
-    bp = _pick(BWD_BLOCK_P)
+    meta = _pool_bwd_meta(c)
     with _on(grad_cells):
-        _pool_bwd_kernel[(triton.cdiv(n, bp), triton.cdiv(c, bc))](grad_cells, plan.point_cells, out, n, c,
-                                                                  BLOCK_P=bp, BLOCK_C=bc, num_warps=BWD_NUM_WARPS)
+        _pool_bwd_kernel[(triton.cdiv(n, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            grad_cells, plan.point_cells, out, n, c, **meta)
     return out
 
 
@@ -202,12 +247,11 @@ def lift_forward(depth: torch.Tensor, feats: torch.Tensor, plan: BevPoolPlan) ->
     out = torch.empty(plan.num_cells, c, dtype=feats.dtype, device=feats.device)
     if c == 0:
         return out
-    bc = _block_c(c)
     meta = _fwd_meta(c, feats.dtype)
-    grid = (plan.num_cells, triton.cdiv(c, bc))
+    grid = (plan.num_cells, triton.cdiv(c, meta["BLOCK_C"]))
     with _on(feats):
         _lift_fwd_kernel[grid](depth, feats, plan.order, plan.cell_ptr, plan.launch_cells, out, c,
-                               d_bins * fh * fw, fh * fw, BLOCK_C=bc, IS_F64=_is_f64(feats), **meta)
+                               d_bins * fh * fw, fh * fw, **meta)
     return out
 
 
@@ -217,26 +261,22 @@ def lift_backward(grad_cells: torch.Tensor, depth: torch.Tensor, feats: torch.Te
     bn, d_bins, fh, fw = depth.shape
     c = feats.shape[-1]
     p = fh * fw
-    bc = _block_c(c)
-    f64 = _is_f64(feats)
     grad_depth = grad_feats = None
     with _on(feats):
         if need_depth:
             grad_depth = torch.empty_like(depth)
             n = depth.numel()
             if n and c:
-                bp = _pick(LIFT_BWD_DEPTH_BLOCK_P)
-                _lift_bwd_depth_kernel[(triton.cdiv(n, bp),)](grad_cells, feats, plan.point_cells, grad_depth, n, c,
-                                                              d_bins * p, p, BLOCK_P=bp, BLOCK_C=bc, IS_F64=f64,
-                                                              num_warps=BWD_NUM_WARPS)
+                meta = _lift_bwd_depth_meta(c, feats.dtype)
+                _lift_bwd_depth_kernel[(triton.cdiv(n, meta["BLOCK_P"]),)](
+                    grad_cells, feats, plan.point_cells, grad_depth, n, c, d_bins * p, p, **meta)
             elif n:
                 grad_depth.zero_()
         if need_feats:
             grad_feats = torch.empty_like(feats)
             npix = bn * p
             if npix and c:
-                bq = _pick(LIFT_BWD_FEATS_BLOCK_Q)
-                _lift_bwd_feats_kernel[(triton.cdiv(npix, bq), triton.cdiv(c, bc))](
-                    grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p,
-                    BLOCK_Q=bq, BLOCK_C=bc, IS_F64=f64, num_warps=BWD_NUM_WARPS)
+                meta = _lift_bwd_feats_meta(c, feats.dtype)
+                _lift_bwd_feats_kernel[(triton.cdiv(npix, meta["BLOCK_Q"]), triton.cdiv(c, meta["BLOCK_C"]))](
+                    grad_cells, depth, plan.point_cells, grad_feats, npix, c, d_bins, p, **meta)
     return grad_depth, grad_feats

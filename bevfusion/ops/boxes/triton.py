@@ -147,6 +147,47 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Box dtypes whose IoU runs on a GPU. float64 is left out: with triton 3.6 the float64 `_iou_kernel`
+# does not compile for sm_80/sm_90 (TritonGPURemoveLayoutConversions fails in `_clip`), and with 3.9 it
+# spills ~150 KB per thread. `bevfusion.ops.boxes` sends float64 boxes on a GPU through the CPU path
+# (float64, exact as before); the interpreter still runs the float64 kernel for the tests.
+IOU_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Kernel keyword arguments, read by the launchers and by `aot_variants`.
+POINTS_BLOCK = (64, 32)  # (points, boxes) per program of _points_kernel
+
+
+def _iou_meta(aligned: bool, ct: torch.dtype) -> dict:
+    return dict(ALIGNED=aligned, F64=ct == torch.float64, BLOCK=BLOCK_PAIRS)
+
+
+def _points_meta(ct: torch.dtype) -> dict:
+    return dict(F64=ct == torch.float64, BLOCK_P=POINTS_BLOCK[0], BLOCK_M=POINTS_BLOCK[1])
+
+
+def aot_variants() -> list:
+    """Every launch the launchers below can make on a GPU, for `bevfusion.ops.triton_aot`: IoU per
+    compute dtype x aligned or not; points-in-boxes per points dtype x compute dtype (float64 when
+    the points or the boxes are float64)."""
+    from ..triton_aot import I8, launch, ptr
+    from . import SUPPORTED_DTYPES
+
+    out = []
+    for ct in sorted({_compute_dtype(d) for d in IOU_GPU_DTYPES}, key=str):
+        c = ptr(ct)
+        for aligned in (False, True):
+            out.append(launch("boxes", _iou_kernel, f"{c[1:]} {'aligned' if aligned else 'all pairs'}", hot=False,
+                              meta=_iou_meta(aligned, ct),
+                              args=dict(a_ptr=c, b_ptr=c, out_ptr=c, total="i32", K="i32")))
+    for pdt in SUPPORTED_DTYPES:
+        for bdt in SUPPORTED_DTYPES:
+            ct = torch.float64 if torch.float64 in (pdt, bdt) else torch.float32  # as points_in_boxes
+            out.append(launch("boxes", _points_kernel, f"points {ptr(pdt)[1:]} math {ptr(ct)[1:]}", hot=False,
+                              meta=_points_meta(ct), args=dict(p_ptr=ptr(pdt), stride_p="i32", stride_f=1,
+                                                               tab_ptr=ptr(ct), out_ptr=I8, P="i32", M="i32")))
+    return out
+
+
 def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Tensor:
     ct = _compute_dtype(a.dtype)
     ra = a.detach()[:, [0, 1, 3, 4, 6]].to(ct).contiguous()
@@ -154,8 +195,8 @@ def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Te
     m, k = ra.shape[0], rb.shape[0]
     out = torch.empty((m,) if aligned else (m, k), dtype=ct, device=a.device)
     if out.numel():
-        _iou_kernel[(triton.cdiv(out.numel(), BLOCK_PAIRS),)](ra, rb, out, out.numel(), k, ALIGNED=aligned,
-                                                               F64=ct == torch.float64, BLOCK=BLOCK_PAIRS)
+        meta = _iou_meta(aligned, ct)
+        _iou_kernel[(triton.cdiv(out.numel(), meta["BLOCK"]),)](ra, rb, out, out.numel(), k, **meta)
     return out.to(a.dtype)
 
 
@@ -167,8 +208,7 @@ def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     p, m = points.shape[0], tab.shape[0]
     out = torch.zeros((p, m), dtype=torch.int8, device=points.device)
     if p and m:
-        bp, bm = 64, 32
-        _points_kernel[(triton.cdiv(p, bp), triton.cdiv(m, bm))](
-            points, points.stride(0), points.stride(1), tab, out, p, m,
-            F64=ct == torch.float64, BLOCK_P=bp, BLOCK_M=bm)
+        meta = _points_meta(ct)
+        _points_kernel[(triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(m, meta["BLOCK_M"]))](
+            points, points.stride(0), points.stride(1), tab, out, p, m, **meta)
     return out.view(torch.bool)

@@ -104,11 +104,23 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, v))))
 
 
-def default_config(dataflow: str, cin: int, cout: int) -> dict:
-    """A reasonable config without tuning (also what the interpreter uses)."""
+def block_k(cin: int, dtype) -> int:
+    """K chunk of the implicit GEMM and gather-scatter. float32 runs `tl.dot` as IEEE FMAs (no tensor
+    cores): each thread holds its rows and columns of the whole chunk in registers, and BK=32 spills
+    (up to 56 B per thread in the implicit GEMM, ~1 KB in gather-scatter, see docs/PERFORMANCE.md), so
+    float32 takes 16; fp16 / bf16 (tensor cores) take up to 32."""
+    return 16 if dtype == torch.float32 else _pow2(cin, 16, 32)
+
+
+def default_config(dataflow: str, cin: int, cout: int, dtype=torch.float32) -> dict:
+    """A reasonable config without tuning (also what the interpreter uses), for inputs of `dtype`.
+    Implicit GEMM in float32: one stage (with 2 the sm_90 / triton 3.6 build of the transposed-weight
+    dgrad tile spills); every config here compiles without spills for sm_80 and sm_90 with triton 3.6
+    and 3.9 (tests/ops/test_triton_compile.py)."""
     if dataflow == "wgrad":
         return dict(BP=64, BC=_pow2(cin, 16, 64), BN=_pow2(cout, 16, 64), CHUNK=4096, num_warps=4, num_stages=2)
-    cfg = dict(BM=64, BN=_pow2(cout, 16, 64), BK=_pow2(cin, 16, 32), num_warps=4, num_stages=2)
+    stages = 1 if dataflow == "igemm" and dtype == torch.float32 else 2
+    cfg = dict(BM=64, BN=_pow2(cout, 16, 64), BK=block_k(cin, dtype), num_warps=4, num_stages=stages)
     if dataflow == "igemm":
         cfg["SORTED"] = False
     return cfg
@@ -118,19 +130,108 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else None
 
 
+# Kernel keyword arguments (constexprs, num_warps, num_stages) from a config: read by the launchers
+# and by `aot_variants`.
+def _igemm_meta(cfg: dict, dtype) -> dict:
+    return dict(USE_ROWS=bool(cfg.get("SORTED")), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=_prec(dtype),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _gather_meta(cfg: dict, dtype) -> dict:
+    return dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=_prec(dtype), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+
+
+def _wgrad_meta(cfg: dict, dtype) -> dict:
+    return dict(BP=cfg["BP"], BC=cfg["BC"], BN=cfg["BN"], PREC=_prec(dtype), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+
+
+def _aot_channels() -> list[int]:
+    """Channel counts that reach every distinct block size of `default_config` as Cin or as Cout: per
+    distinct set of block sizes, its smallest power of two from 16 up (as the SparseEncoder's widths)."""
+    groups: dict = {}
+    for c in (2**k for k in range(4, 11)):
+        key = tuple(tuple(sorted(default_config(flow, c, c, dtype).items()))
+                    for flow in ("igemm", "wgrad") for dtype in SUPPORTED_DTYPES)
+        groups.setdefault(key, c)
+    return sorted(groups.values())
+
+
+# The SparseEncoder's input layer: 5 LiDAR point features (a count that is not a multiple of 16) -> 16.
+AOT_INPUT_LAYER = (5, 16)
+
+
+def _aot_launches(direction: str, cin: int, cout: int, dtype) -> list[tuple[str, dict]]:
+    """(dataflow, config) pairs a layer (Cin, Cout) can run in `direction` on `dtype` inputs: the
+    autotuner's candidates and the untuned default (impl="triton_igemm" / "triton_gather" pass no config)."""
+    from .tune import _triton_candidates
+
+    if direction == "wgrad":
+        return (_triton_candidates("wgrad", cin, cout, dtype)
+                + [("triton_wgrad", default_config("wgrad", cin, cout, dtype))])
+    return _triton_candidates(direction, cin, cout, dtype) + [
+        ("triton_igemm", default_config("igemm", cin, cout, dtype)),
+        ("triton_gather", default_config("gather", cin, cout, dtype))]
+
+
+def aot_variants() -> list:
+    """Every launch the launchers below can make on a GPU, for `bevfusion.ops.triton_aot`: each supported
+    dtype x forward / dgrad / wgrad x channel pairs reaching every block size x each config of
+    `_aot_launches`. dgrad runs the forward kernels on (grad_out, weight.transpose(1, 2)): Cin and Cout
+    swap and the weight is a transposed view (unit stride along Cin instead of Cout)."""
+    from ..triton_aot import I32, I64, launch, ptr
+
+    chans = _aot_channels()
+    pairs = [(a, b) for a in chans for b in chans] + [AOT_INPUT_LAYER]
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        f = ptr(dtype)
+        for cin, cout in pairs:
+            for direction in ("fwd", "dgrad", "wgrad"):
+                if direction == "fwd":  # weight (K, Cin, Cout), contiguous
+                    kin, kout, strides = cin, cout, (cin * cout, cout, 1)
+                else:  # dgrad: weight.transpose(1, 2), (K, Cout, Cin) with strides (Cin*Cout, 1, Cin)
+                    kin, kout, strides = cout, cin, (cin * cout, 1, cin)
+                w = dict(stride_wk=strides[0], stride_wc=strides[1], stride_wn=strides[2])
+                for name, cfg in _aot_launches(direction, kin, kout, dtype):
+                    tag = f"{f[1:]} {direction} {cin}->{cout} " + " ".join(
+                        f"{k}={v}" for k, v in cfg.items() if k != "CHUNK")
+                    if name == "triton_igemm":
+                        v = launch("sparse", _igemm_kernel, tag, hot=True, meta=_igemm_meta(cfg, dtype),
+                                   args=dict(x_ptr=f, w_ptr=f, nb_ptr=I32, rows_ptr=I32, out_ptr=f, N="i32", K=27,
+                                             CIN=kin, COUT=kout, **w))
+                    elif name == "triton_gather":
+                        v = launch("sparse", _gather_scatter_kernel, tag, hot=False, meta=_gather_meta(cfg, dtype),
+                                   args=dict(x_ptr=f, w_ptr=f, in_ptr=I64, outi_ptr=I64, blk_k_ptr=I64,
+                                             blk_s_ptr=I64, blk_e_ptr=I64, out_ptr="*fp32", CIN=kin, COUT=kout,
+                                             **w))
+                    elif name == "triton_wgrad":
+                        v = launch("sparse", _wgrad_kernel, tag, hot=False, meta=_wgrad_meta(cfg, dtype),
+                                   args=dict(x_ptr=f, g_ptr=f, in_ptr=I64, outi_ptr=I64, blk_k_ptr=I64,
+                                             blk_s_ptr=I64, blk_e_ptr=I64, dw_ptr="*fp32", CIN=cin, COUT=cout))
+                    else:
+                        raise ValueError(f"sparse aot_variants: unknown dataflow {name!r} from _aot_launches")
+                    out.append(v)
+    return out
+
+
 def _block_table(kmap: KernelMap, block: int, device):
     """Per-program (offset, start, end) over the pair list, blocks never straddling two offsets."""
     key = ("blocks", block, str(device))
     hit = kmap._lazy.get(key)
     if hit is None:
-        ks, ss, es = [], [], []
-        for k in range(kmap.kernel_volume):
-            a, b = kmap.ptr[k], kmap.ptr[k + 1]
-            for s in range(a, b, block):
-                ks.append(k)
-                ss.append(s)
-                es.append(min(s + block, b))
-        t = torch.tensor([ks, ss, es], dtype=torch.int64).to(device)
+        import numpy as np
+
+        ptr = np.asarray(kmap.ptr, dtype=np.int64)
+        nblk = -(-(ptr[1:] - ptr[:-1]) // block)  # blocks per offset
+        ks = np.repeat(np.arange(kmap.kernel_volume, dtype=np.int64), nblk)
+        first = np.repeat(np.cumsum(nblk) - nblk, nblk)  # index of each offset's first block
+        ss = ptr[:-1][ks] + (np.arange(ks.size, dtype=np.int64) - first) * block
+        es = np.minimum(ss + block, ptr[1:][ks])
+        t = torch.from_numpy(np.stack([ks, ss, es]))
+        if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync
+            t = t.pin_memory().to(device, non_blocking=True)
         hit = (t[0].contiguous(), t[1].contiguous(), t[2].contiguous())
         kmap._lazy[key] = hit
     return hit
@@ -145,7 +246,7 @@ def igemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, config: di
     """Implicit GEMM forward: out (n_out, Cout) in feats' dtype, no (N, K, C) intermediate."""
     _check(feats, weight)
     cin, cout = weight.shape[1], weight.shape[2]
-    cfg = config or default_config("igemm", cin, cout)
+    cfg = config or default_config("igemm", cin, cout, feats.dtype)
     feats = feats.contiguous()
     out = feats.new_empty(kmap.n_out, cout)
     if kmap.n_out == 0:
@@ -157,8 +258,7 @@ def igemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, config: di
     grid = (triton.cdiv(kmap.n_out, cfg["BM"]), triton.cdiv(cout, cfg["BN"]))
     _igemm_kernel[grid](feats, weight, nb, rows, out, kmap.n_out, kmap.kernel_volume, cin, cout,
                         weight.stride(0), weight.stride(1), weight.stride(2),
-                        USE_ROWS=bool(cfg.get("SORTED")), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-                        PREC=_prec(feats.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                        **_igemm_meta(cfg, feats.dtype))
     return out
 
 
@@ -167,7 +267,7 @@ def gather_scatter(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
     """Gather-GEMM-scatter forward over pair blocks, fp32 atomics into the output."""
     _check(feats, weight)
     cin, cout = weight.shape[1], weight.shape[2]
-    cfg = config or default_config("gather", cin, cout)
+    cfg = config or default_config("gather", cin, cout, feats.dtype)
     feats = feats.contiguous()
     acc = torch.zeros(kmap.n_out, cout, dtype=torch.float32, device=feats.device)
     if kmap.num_pairs:
@@ -175,8 +275,7 @@ def gather_scatter(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap,
         grid = (bk.numel(), triton.cdiv(cout, cfg["BN"]))
         _gather_scatter_kernel[grid](feats, weight, kmap.in_idx, kmap.out_idx, bk, bs, be, acc, cin, cout,
                                      weight.stride(0), weight.stride(1), weight.stride(2),
-                                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=_prec(feats.dtype),
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                     **_gather_meta(cfg, feats.dtype))
     return acc.to(feats.dtype)
 
 
@@ -184,7 +283,7 @@ def wgrad(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap, config: 
     """dW (K, Cin, Cout) in feats' dtype, fp32 accumulation over pair chunks."""
     _check(feats, feats)
     cin, cout = feats.shape[1], grad_out.shape[1]
-    cfg = config or default_config("wgrad", cin, cout)
+    cfg = config or default_config("wgrad", cin, cout, feats.dtype)
     feats = feats.contiguous()
     grad_out = grad_out.contiguous()
     dw = torch.zeros(kmap.kernel_volume, cin, cout, dtype=torch.float32, device=feats.device)
@@ -192,6 +291,5 @@ def wgrad(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap, config: 
         bk, bs, be = _block_table(kmap, cfg["CHUNK"], feats.device)
         grid = (bk.numel(), triton.cdiv(cin, cfg["BC"]), triton.cdiv(cout, cfg["BN"]))
         _wgrad_kernel[grid](feats, grad_out, kmap.in_idx, kmap.out_idx, bk, bs, be, dw, cin, cout,
-                            BP=cfg["BP"], BC=cfg["BC"], BN=cfg["BN"], PREC=_prec(feats.dtype),
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                            **_wgrad_meta(cfg, feats.dtype))
     return dw.to(feats.dtype)

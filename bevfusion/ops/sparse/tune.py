@@ -68,23 +68,38 @@ def _save_disk() -> None:
         os.replace(tmp, p)
 
 
-def _triton_candidates(direction: str, cin: int, cout: int) -> list[tuple[str, dict]]:
+# Implicit-GEMM candidates (BM, num_warps, num_stages, SORTED) per input dtype. Which launch spills is
+# ptxas's register allocation on each triton version's code, not a smooth function of the tile: these are
+# the configs that compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9 for every block size
+# (tests/ops/test_triton_compile.py; docs/PERFORMANCE.md). float32 (FMA, BK=16): BM=64 on 4 warps spills
+# with 2 or 3 stages somewhere, so 8 warps or BM=32; fp16 / bf16 (tensor cores): as measured on the H200.
+_IGEMM_FP32 = ((64, 8, 2, True), (64, 8, 3, False), (64, 4, 1, False), (32, 4, 1, True), (32, 4, 3, True),
+               (32, 4, 2, False))
+_IGEMM_HALF = tuple((bm, warps, stages, srt) for bm, warps, stages in ((64, 4, 2), (128, 4, 3), (128, 8, 3))
+                    for srt in (False, True))
+
+
+def _triton_candidates(direction: str, cin: int, cout: int, dtype=torch.float32) -> list[tuple[str, dict]]:
+    """(dataflow, config) candidates for a layer (Cin, Cout) in `direction` on inputs of `dtype` (for
+    dgrad: the transposed weight, Cin and Cout of the GEMM it runs)."""
     from . import triton as tk
 
     if direction == "wgrad":
-        base = tk.default_config("wgrad", cin, cout)
+        base = tk.default_config("wgrad", cin, cout, dtype)
         out = [("triton_wgrad", base)]
         for chunk, bp, warps in ((2048, 64, 4), (8192, 128, 8)):
             out.append(("triton_wgrad", dict(base, CHUNK=chunk, BP=bp, num_warps=warps)))
         return out
     out = []
-    bn = tk.default_config("igemm", cin, cout)["BN"]
-    bk = tk.default_config("igemm", cin, cout)["BK"]
-    for bm, warps, stages in ((64, 4, 2), (128, 4, 3), (128, 8, 3)):
-        for srt in (False, True):
-            out.append(("triton_igemm", dict(BM=bm, BN=bn, BK=bk, SORTED=srt, num_warps=warps, num_stages=stages)))
-    for bm in (64, 128):
-        out.append(("triton_gather", dict(BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=2)))
+    bn = tk.default_config("igemm", cin, cout, dtype)["BN"]
+    bk = tk.block_k(cin, dtype)
+    for bm, warps, stages, srt in (_IGEMM_FP32 if dtype == torch.float32 else _IGEMM_HALF):
+        k = bk
+        if direction == "dgrad" and (bm, warps, bn, bk) == (128, 4, 64, 32):
+            k = 16  # fp16 / bf16 dgrad, transposed weight: the 128 x 32 x 64 tile on 4 warps spills on sm_80 (3.9)
+        out.append(("triton_igemm", dict(BM=bm, BN=bn, BK=k, SORTED=srt, num_warps=warps, num_stages=stages)))
+    for bm, stages in ((64, 2), (128, 1 if dtype == torch.float32 else 2)):  # float32 BM=128: 2 stages spill (3.6)
+        out.append(("triton_gather", dict(BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=stages)))
     return out
 
 
@@ -102,7 +117,7 @@ def choose(direction: str, feats: torch.Tensor, weight: torch.Tensor, kmap: Kern
 
     cands: list[tuple[str, dict | None]] = []
     if feats.dtype in tk.SUPPORTED_DTYPES:
-        cands += _triton_candidates(direction, weight.shape[1], weight.shape[2])
+        cands += _triton_candidates(direction, weight.shape[1], weight.shape[2], feats.dtype)
     cands.append(("gather", None))
     best, best_t = cands[-1], float("inf")
     for name, cfg in cands:

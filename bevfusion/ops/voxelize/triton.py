@@ -70,6 +70,41 @@ def _scatter_kernel(p_ptr, stride_p, stride_f, slots_ptr, out_ptr, P, F,
     tl.store(out_ptr + slot[:, None] * F + f[None, :], v, mask=m)
 
 
+# Kernel keyword arguments, read by the launchers and by `aot_variants`.
+SCATTER_BLOCK = 64
+
+
+def _cells_meta(dtype: torch.dtype) -> dict:
+    return dict(F64=dtype == torch.float64, BLOCK=BLOCK)
+
+
+def _scatter_meta(f: int) -> dict:
+    return dict(BLOCK=SCATTER_BLOCK, BLOCK_F=triton.next_power_of_2(f))
+
+
+def aot_variants() -> list:
+    """Every launch the launchers below can make on a GPU, for `bevfusion.ops.triton_aot`: per points
+    dtype, `_cells_kernel` for contiguous points (column stride 1, which the JIT makes a constant)
+    and for any strides, and `_scatter_kernel` for point widths reaching every BLOCK_F up to 16."""
+    from ..triton_aot import I32, I64, launch, ptr
+    from . import SUPPORTED_DTYPES
+
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        f, prm = ptr(dtype), ptr(compute_dtype(dtype))
+        ieee = () if dtype == torch.float64 else ("div.rn.f32",)  # see _div: same cells as the CPU
+        for layout, stride_f in (("contiguous", 1), ("strided", "i32")):
+            out.append(launch("voxelize", _cells_kernel, f"{f[1:]} {layout}", hot=True, meta=_cells_meta(dtype),
+                              args=dict(p_ptr=f, stride_p="i32", stride_f=stride_f, cells_ptr=I32, keys_ptr=I64,
+                                        P="i32", prm_ptr=prm, nx="i32", ny="i32", nz="i32", outside_key="i32"),
+                              require_ptx=ieee, forbid_ptx=("div.full",) if ieee else ()))
+        for width in sorted({triton.next_power_of_2(w) for w in range(1, 17)}):
+            out.append(launch("voxelize", _scatter_kernel, f"{f[1:]} F={width}", hot=True, meta=_scatter_meta(width),
+                              args=dict(p_ptr=f, stride_p="i32", stride_f=1, slots_ptr=I64, out_ptr=f, P="i32",
+                                        F=width)))
+    return out
+
+
 def cells_and_keys(points: torch.Tensor, voxel_size, point_range):
     nx, ny, nz = grid_size(voxel_size, point_range)
     p = points.shape[0]
@@ -78,9 +113,9 @@ def cells_and_keys(points: torch.Tensor, voxel_size, point_range):
     if p:
         prm = torch.tensor([float(v) for v in point_range[:3]] + [float(v) for v in voxel_size],
                            dtype=compute_dtype(points.dtype), device=points.device)
-        _cells_kernel[(triton.cdiv(p, BLOCK),)](
-            points, points.stride(0), points.stride(1), cells, keys, p, prm, nx, ny, nz, nx * ny * nz,
-            F64=points.dtype == torch.float64, BLOCK=BLOCK)
+        meta = _cells_meta(points.dtype)
+        _cells_kernel[(triton.cdiv(p, meta["BLOCK"]),)](
+            points, points.stride(0), points.stride(1), cells, keys, p, prm, nx, ny, nz, nx * ny * nz, **meta)
     return cells, keys
 
 
@@ -96,8 +131,9 @@ def scatter_slots(points: torch.Tensor, slots: torch.Tensor, m: int, max_points:
     p, f = points.shape
     out = torch.zeros((m * max_points, f), dtype=points.dtype, device=points.device)
     if p and m:
-        _scatter_kernel[(triton.cdiv(p, 64),)](points, points.stride(0), points.stride(1), slots, out, p, f,
-                                                BLOCK=64, BLOCK_F=triton.next_power_of_2(f))
+        meta = _scatter_meta(f)
+        _scatter_kernel[(triton.cdiv(p, meta["BLOCK"]),)](points, points.stride(0), points.stride(1), slots, out,
+                                                          p, f, **meta)
     return out.view(m, max_points, f)
 
 
