@@ -266,7 +266,7 @@ def main(argv=None) -> int:
                 if cuda and ("CUDA error" in str(e) or "illegal" in str(e).lower()):
                     dead = f"CUDA error building {title}: {one_line(e)}"
                 continue
-            d = kernels._fwd_meta(c, DTYPES[dname])
+            d = kernels._fwd_meta(c, DTYPES[dname], kernel=kind)
             default = Config(d["BLOCK_P"], d["num_warps"], d["BLOCK_C"])
             rtol, atol = TOL[dname]
             ok = {}
