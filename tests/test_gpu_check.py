@@ -266,6 +266,14 @@ class TestRunning:
         assert res["skipped"] == [{"test": "tests/ops/test_demo.py::test_skipped", "why": "needs CUDA"}]
 
 
+    def test_parse_junit_ignores_the_record_of_an_interrupted_run(self, tmp_path):
+        """pytest stopped by SIGINT (the section's time limit) adds a testcase with no name: not a test."""
+        xml = tmp_path / "junit.xml"
+        xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest">'
+                       '<testcase classname="tests.gpu.test_x" name="test_a" time="1.0" />'
+                       '<testcase time="0.001" /></testsuite></testsuites>')
+        assert gc.parse_junit(xml) == {"passed": ["tests/gpu/test_x.py::test_a"], "failed": [], "skipped": []}
+
 # ----------------------------------------------------------------------------- report writing
 def _row(table, what, ms, dtype="fp32", **kw):
     r = dict(table=table, what=what, dtype=dtype, ms=ms, ratio=None, ratio_vs=None, peak_mib=None, relerr=None,

@@ -174,6 +174,8 @@ def parse_junit(path: Path) -> dict:
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
         cls, name = case.get("classname", ""), case.get("name", "")
+        if not cls and not name:  # the empty record pytest writes when it is interrupted mid-run
+            continue
         # classname is "tests.ops.test_x" (functions) or "tests.ops.test_x.TestY" (methods): rebuild the node id
         parts = cls.split(".") if cls else []
         mod = max((k for k, p in enumerate(parts) if p.startswith("test_")), default=None)
