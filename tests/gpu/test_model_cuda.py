@@ -58,17 +58,6 @@ NMS_KERNEL = 3  # TransFusion proposal window of the config
 
 
 @pytest.fixture(scope="module")
-def device():
-    return gc.device_under_test()
-
-
-@pytest.fixture(autouse=True)
-def _full_precision():
-    with gc.no_tf32():
-        yield
-
-
-@pytest.fixture(scope="module")
 def case(device):
     """The CPU model (eval mode, calibrated BN), the batch and the CPU fp32 inference with its decisions."""
     cfg = gc.load_case_config()

@@ -23,17 +23,6 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}  # of the reference's largest magnitude
 
 
-@pytest.fixture(scope="module")
-def device():
-    return gc.device_under_test()
-
-
-@pytest.fixture(autouse=True)
-def _full_precision():
-    with gc.no_tf32():
-        yield
-
-
 def _close(name, got, expected, tol):
     err = gc.rel_max_err(got, expected)
     assert err <= tol, f"{name}: max error {err:.3g} of the reference's largest magnitude > {tol:g}"
