@@ -89,13 +89,6 @@ class KernelMap:
         return self._lazy["order"]
 
 
-def kernel_offsets(kernel_size, dilation, device) -> torch.Tensor:
-    """(K, 3) int64 offsets i*dilation for i over the kernel, k = (ix*ky + iy)*kz + iz."""
-    kx, ky, kz = kernel_size
-    g = torch.stack(torch.meshgrid(torch.arange(kx), torch.arange(ky), torch.arange(kz), indexing="ij"), -1)
-    return (g.reshape(-1, 3) * torch.tensor(dilation)).to(device)
-
-
 def _offsets_on(kernel_size, dilation, shift, device) -> torch.Tensor:
     """(K, 3) int64 offsets i*dilation - shift, k = (ix*ky + iy)*kz + iz, computed on `device`."""
     kx, ky, kz = kernel_size
@@ -186,10 +179,7 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
 
         in_idx, out_idx, cnt = subm_pairs_numba(x.coords, linear_keys(x.coords, x.spatial_shape), offs,
                                                 x.spatial_shape)
-        ptr = [0]
-        for v in cnt:
-            ptr.append(ptr[-1] + int(v))
-        km = KernelMap(in_idx, out_idx, ptr, n, n, centre)
+        km = KernelMap(in_idx, out_idx, _ptr(cnt), n, n, centre)
         x.cache.put(key, km)
         return km
     skeys, order, dup = _sorted_keys(x)
@@ -242,10 +232,7 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
         from .cpu import conv_pairs_numba
 
         in_idx, out_idx, cnt, uniq = conv_pairs_numba(x.coords, ks, dil, pad, st, out_shape)
-        ptr = [0]
-        for v in cnt:
-            ptr.append(ptr[-1] + int(v))
-        km = KernelMap(in_idx, out_idx, ptr, n, uniq.numel(), None)
+        km = KernelMap(in_idx, out_idx, _ptr(cnt), n, uniq.numel(), None)
         res = (km, keys_to_coords(uniq, out_shape), out_shape, next(_coord_ids))
         x.cache.put(key, res)
         return res
