@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from bevfusion.utils.io import atomic_write_text
+
 
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
@@ -215,12 +217,7 @@ def write_json(path: str | os.PathLike, benchmark: str, device: str, rows: Itera
     path = os.fspath(path)
     obj = {"benchmark": benchmark, "device": device, "date": datetime.date.today().isoformat(),
            "versions": versions(), "rows": [_as_dict(r) for r in rows], "skipped": [_as_skip(s) for s in skipped]}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 @dataclass

@@ -53,6 +53,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
+if str(REPO) not in sys.path:  # a plain checkout on a GPU machine: the package is not installed
+    sys.path.insert(0, str(REPO))
+from bevfusion.utils.io import atomic_write_text as write_atomic  # noqa: E402  (temp file + os.replace)
+
 REPORT_VERSION = 1
 DEFAULT_BUDGET_S = 480.0
 KILL_GRACE_S = 10.0
@@ -97,24 +101,6 @@ def one_line(text: str, limit: int = 200) -> str:
 
 def now_iso() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace: readers see the old
-    file or the new one, never a partial one (and a failed write leaves the old one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def log_reason(log: Path, limit: int = 200) -> str:
