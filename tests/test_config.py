@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
 import types
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import yaml
@@ -83,6 +86,50 @@ class TestInheritance:
         _write(tmp_path / "cfgs" / "sub" / "leaf.yaml", "c: ${b * 2}\n")
         monkeypatch.chdir(tmp_path)
         assert load_config("cfgs/sub/leaf.yaml") == {"a": 10, "b": 11, "c": 22}
+
+    @pytest.mark.parametrize("kind,message", [
+        ("loop", "symbolic link loop"), ("broken", "broken symbolic link"), ("directory", "directory"),
+        ("fifo", "not a regular file"), ("latin1", "not UTF-8"),
+    ])
+    def test_a_bad_default_is_an_error_not_skipped(self, tmp_path, kind, message):
+        _write(tmp_path / "configs" / "default.yaml", "a: 1\n")
+        leaf = _write(tmp_path / "configs" / "sub" / "leaf.yaml", "b: 2\n")
+        bad = tmp_path / "configs" / "sub" / "default.yaml"
+        if kind == "loop":
+            os.symlink("default.yaml", bad)  # points at itself
+        elif kind == "broken":
+            os.symlink("missing.yaml", bad)
+        elif kind == "directory":
+            bad.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(bad)  # reading it would block: it must be refused without opening it
+        else:
+            bad.write_bytes("a: caf\xe9\n".encode("latin-1"))
+        for call in (config_chain, load_config) if kind != "latin1" else (load_config,):  # chain: no read
+            with pytest.raises(ConfigError, match=message) as info:
+                call(leaf)
+            assert info.value.file == str(bad)
+
+    def test_a_bad_default_yaml_does_not_fall_back_to_default_yml(self, tmp_path):
+        leaf = _write(tmp_path / "configs" / "leaf.yaml", "b: 2\n")
+        _write(tmp_path / "configs" / "default.yml", "a: 1\n")
+        os.symlink("default.yaml", tmp_path / "configs" / "default.yaml")
+        with pytest.raises(ConfigError, match="symbolic link loop"):
+            load_config(leaf)
+
+    def test_a_symlinked_default_is_followed(self, tmp_path):
+        _write(tmp_path / "shared" / "base.yaml", "a: 1\n")
+        leaf = _write(tmp_path / "configs" / "leaf.yaml", "b: ${a + 1}\n")
+        os.symlink(tmp_path / "shared" / "base.yaml", tmp_path / "configs" / "default.yaml")
+        assert load_config(leaf) == {"a": 1, "b": 2}
+
+    def test_a_leaf_that_is_a_link_loop_says_so(self, tmp_path):
+        leaf = tmp_path / "configs" / "leaf.yaml"
+        leaf.parent.mkdir()
+        os.symlink("leaf.yaml", leaf)
+        with pytest.raises(ConfigError, match="symbolic link loop") as info:
+            load_config(leaf)
+        assert info.value.file == str(leaf)
 
 
 class TestInterpolation:
@@ -205,6 +252,96 @@ class TestOverrides:
         with pytest.raises(ConfigError):
             load_config(LIDAR, [bad])
 
+    @pytest.mark.parametrize("item,key", [
+        ("optimizer.lr=[1", "optimizer.lr"), ("optimizer.lr={a: 1", "optimizer.lr"),
+        ("max_epochs=a: b: c", "max_epochs"), ("+new.key=!!python/name:os.system", "new.key"),
+        ("seed=" + "[" * 100 + "]" * 100, "seed"),
+    ])
+    def test_parse_errors_name_the_key(self, item, key):
+        with pytest.raises(ConfigError) as info:
+            load_config(LIDAR, [item])
+        assert info.value.key == key and info.value.file == "<command line>"
+        assert "cannot parse override value" in str(info.value) and "\n" not in str(info.value)
+
+
+class TestMappingOverrides:
+    STRINGS = ["max_epochs=3", "optimizer.lr=5e-4", "model.heads.object.train_cfg.grid_size=[8, 8, 1]",
+               "deterministic=true", "model.heads.map=null", "dataset_root=/data/ns/", "seed='7'",
+               "train_pipeline.0.load_dim=4", "optimizer={type: SGD, lr: 0.1}"]
+    MAPPING = {"max_epochs": 3, "optimizer.lr": 5e-4, "model.heads.object.train_cfg.grid_size": (8, 8, 1),
+               "deterministic": True, "model.heads.map": None, "dataset_root": "/data/ns/", "seed": "7",
+               "train_pipeline.0.load_dim": 4, "optimizer": {"type": "SGD", "lr": 0.1}}
+
+    def test_same_result_as_the_string_form(self):
+        # The string form (typed by YAML) is the reference for the mapping form (typed already).
+        # The later `optimizer` replaces the earlier `optimizer.lr` whole in both.
+        assert list(self.MAPPING) == [item.split("=", 1)[0] for item in self.STRINGS]
+        by_mapping = load_config(LIDAR, self.MAPPING)
+        assert by_mapping == load_config(LIDAR, self.STRINGS)
+        assert by_mapping.optimizer == {"type": "SGD", "lr": 0.1}  # replaced, not merged
+        assert by_mapping.data.train.dataset.pipeline[0].load_dim == 4
+        assert by_mapping.data.train.dataset.ann_file == "/data/ns/nuscenes_infos_train.pkl"
+
+    def test_values_are_not_parsed_again(self):
+        cfg = load_config(LIDAR, {"dataset_root": "[1, 2]", "seed": "null", "optimizer.type": "1e-3"})
+        assert cfg.dataset_root == "[1, 2]" and cfg.seed == "null" and cfg.optimizer.type == "1e-3"
+
+    def test_expressions_numpy_scalars_and_configs(self):
+        cfg = load_config(LIDAR, {"max_epochs": "${gt_paste_stop_epoch + 1}", "optimizer.lr": np.float32(0.5),
+                                  "optimizer.weight_decay": np.int64(2),
+                                  "+model.fuser": Config(type="ConvFuser", in_channels=(80, 256))})
+        assert cfg.max_epochs == 16 and cfg.runner.max_epochs == 16
+        assert cfg.optimizer.lr == 0.5 and type(cfg.optimizer.lr) is float
+        assert cfg.optimizer.weight_decay == 2 and type(cfg.optimizer.weight_decay) is int
+        assert cfg.model.fuser == {"type": "ConvFuser", "in_channels": [80, 256]}
+
+    def test_new_keys(self):
+        with pytest.raises(ConfigError) as info:
+            load_config(LIDAR, {"new_key.sub": 1})
+        assert info.value.key == "new_key" and info.value.file == "<overrides>"
+        assert load_config(LIDAR, {"+new_key.sub": 1}).new_key.sub == 1
+        assert load_config(LIDAR, {"new_key.sub": [1]}, allow_new_keys=True).new_key.sub == [1]
+
+    def test_the_source_mapping_is_not_shared(self):
+        value = {"type": "ConvFuser", "in_channels": [80, 256]}
+        cfg = load_config(LIDAR, {"+model.fuser": value})
+        cfg.model.fuser.in_channels.append(1)
+        assert value == {"type": "ConvFuser", "in_channels": [80, 256]}
+
+    @pytest.mark.parametrize("overrides,key,message", [
+        ({"optimizer.lrr": 1}, "optimizer.lrr", "did you mean: lr"),
+        ({"optimizer.lr": object()}, "optimizer.lr", "type object"),
+        ({"optimizer.lr": {1, 2}}, "optimizer.lr", "type set"),
+        ({"optimizer.lr": [1, b"x"]}, "optimizer.lr.1", "type bytes"),
+        ({"optimizer.lr": {("a",): 1}}, "optimizer.lr", "mapping key"),
+        ({"optimizer..lr": 1}, "optimizer..lr", "malformed key"),
+        ({"max_epochs.sub": 1}, "max_epochs.sub", "cannot set a key under a int"),
+        ({"train_pipeline.9.load_dim": 1}, "train_pipeline.9", "out of range"),
+        ({"optimizer.lr": [0] * 30_000}, "optimizer.lr", "MAX_YAML_NODES"),
+        ({"+" + ".".join(["a"] * 60): 1}, None, "MAX_DEPTH"),
+    ])
+    def test_errors_name_the_key(self, overrides, key, message):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(LIDAR, overrides)
+        assert info.value.file == "<overrides>"
+        if key is not None:
+            assert info.value.key == key
+
+    def test_a_value_that_contains_itself_is_refused(self):
+        loop: list = []
+        loop.append(loop)
+        with pytest.raises(ConfigError, match="MAX_DEPTH") as info:
+            load_config(LIDAR, {"optimizer.lr": loop})
+        assert info.value.key.startswith("optimizer.lr")
+
+    @pytest.mark.parametrize("bad,message", [
+        ("optimizer.lr=1", "single string"), ({1: 2}, "not a string"),
+        ([("optimizer.lr", 1)], "not a 'key.sub=value'"),
+    ])
+    def test_malformed_containers(self, bad, message):
+        with pytest.raises(ConfigError, match=message):
+            load_config(LIDAR, bad)
+
 
 class TestErrors:
     def test_missing_file(self, tmp_path):
@@ -222,6 +359,25 @@ class TestErrors:
         bad = _write(tmp_path / "configs" / "dup.yaml", "a: 1\nb: 2\na: 3\n")
         with pytest.raises(ConfigError, match="duplicate key 'a'"):
             load_config(bad)
+
+    def test_merge_keys(self, tmp_path):
+        text = ("b0: &b0 {a: 0, z: 0}\nbase: &base\n  <<: *b0\n  a: 1\n  b: [1, 2]\n"
+                "derived:\n  <<: *b0\n  b: 3\n  a: 2\nboth: {<<: [*base, {c: 4}], z: 5}\n")
+        cfg = load_config(_write(tmp_path / "configs" / "x.yaml", text))
+        assert cfg.base == {"a": 1, "z": 0, "b": [1, 2]}  # a key written next to `<<` wins
+        assert cfg.derived == {"a": 2, "z": 0, "b": 3}
+        assert cfg.both["c"] == 4 and cfg.both["z"] == 5
+        assert cfg == yaml.safe_load(text)  # PyYAML's own merge semantics
+
+    @pytest.mark.parametrize("text,message", [
+        ("base: &b {a: 1}\nx:\n  <<: *b\n  c: 1\n  c: 2\n", "duplicate key 'c'"),
+        ("base: &b {a: 1}\nx:\n  <<: *b\n  <<: *b\n", "duplicate key <<"),
+        ("x: {[1]: 2}\n", "unhashable key"),
+    ])
+    def test_duplicates_next_to_merge_keys(self, tmp_path, text, message):
+        leaf = _write(tmp_path / "configs" / "x.yaml", text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(leaf)
 
     def test_unsafe_yaml_tags_are_refused(self, tmp_path):
         bad = _write(tmp_path / "configs" / "tag.yaml", "a: !!python/object/apply:os.system ['true']\n")
