@@ -1,8 +1,10 @@
 """Stack formatted samples into the batch the model takes.
 
-Batch keys: `img` (B, 6, 3, H, W); per-camera matrices (B, 6, 4, 4); `lidar2ego`, `lidar_aug_matrix`
-(B, 4, 4); `gt_masks_bev` (B, C, X, Y); `points`, `gt_bboxes_3d`, `gt_labels_3d` as lists (one tensor
-per sample, lengths differ); `metas` a list of dicts.
+Batch keys: `img` (B, 6, 3, H, W); per-camera matrices (B, 6, 4, 4); `camera_mask` (B, 6) bool (False:
+the camera was left out by sensor dropout and its image is a black stand-in); `lidar2ego`,
+`lidar_aug_matrix` (B, 4, 4); `gt_masks_bev` (B, C, X, Y); `points`, `gt_bboxes_3d`, `gt_labels_3d` as
+lists (one tensor per sample, lengths differ; a sample without LiDAR has (0, C) points); `metas` a list
+of dicts (`metas[b]["dropped"]`: what sensor dropout left out, bevfusion.datasets.dropout).
 """
 from __future__ import annotations
 

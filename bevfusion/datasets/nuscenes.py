@@ -7,7 +7,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from bevfusion.datasets.dropout import COUNT_KEYS, check_missing_policy, new_record, parse_drop_sensors
+from bevfusion.datasets.errors import DataError
 from bevfusion.datasets.pipeline import Compose
+from bevfusion.datasets.validation import ANN_KEYS, check_infos
 from bevfusion.structures.boxes import official_to_internal
 from bevfusion.structures.geometry import invert_transform, make_transform
 from bevfusion.utils.io import load_pickle
@@ -17,13 +20,6 @@ __all__ = ["NuScenesDataset", "OBJECT_CLASSES", "MAP_CLASSES"]
 OBJECT_CLASSES = ("car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle",
                   "pedestrian", "traffic_cone")
 MAP_CLASSES = ("drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area", "divider")
-
-_INFO_KEYS = ("lidar_path", "token", "sweeps", "cams", "lidar2ego_translation", "lidar2ego_rotation",
-              "ego2global_translation", "ego2global_rotation", "timestamp")
-_CAM_KEYS = ("data_path", "sensor2ego_translation", "sensor2ego_rotation", "sensor2lidar_rotation",
-             "sensor2lidar_translation", "camera_intrinsics")
-_SWEEP_KEYS = ("data_path", "sensor2lidar_rotation", "sensor2lidar_translation", "timestamp")
-_ANN_KEYS = ("gt_boxes", "gt_names", "gt_velocity", "num_lidar_pts", "valid_flag")
 
 
 class NuScenesDataset(torch.utils.data.Dataset):
@@ -44,6 +40,18 @@ class NuScenesDataset(torch.utils.data.Dataset):
             replaced by a random other one (official behaviour). Never in test mode; evaluation code
             also builds its datasets with filter_empty_gt=False, so no val sample is ever swapped.
         load_interval: keep every n-th info.
+        missing_sensors: what a missing camera, LiDAR or sweep file does: "error" (default) raises
+            DataFileNotFoundError naming the file and sample; "drop" runs without it (a black image
+            with `camera_mask` False, empty points, or one sweep fewer) and counts it.
+        drop_sensors: leave sensors out on purpose, to measure robustness: None or a mapping with
+            optional keys `cameras` ("all" or a list of camera names), `lidar` (bool: empty point
+            clouds) and `max_sweeps` (int k >= 0: only the newest k sweeps). Ground truth is unchanged.
+            See bevfusion.datasets.dropout for the per-sample record (`metas["dropped"]`) and the
+            counts (`dropout_counts`). With either option, every sample carries `camera_mask` (batch
+            key, (B, N) bool) and `metas["dropped"]`; without them neither exists.
+
+    Every info record is checked when the file is opened (bevfusion.datasets.validation); a bad one
+    raises DataError naming the file, sample token and field.
     """
 
     CLASSES = OBJECT_CLASSES
@@ -53,7 +61,9 @@ class NuScenesDataset(torch.utils.data.Dataset):
                  object_classes: Sequence[str] | None = None, map_classes: Sequence[str] | None = None,
                  modality: Mapping[str, bool] | None = None, box_type_3d: str = "LiDAR",
                  filter_empty_gt: bool = True, test_mode: bool = False, use_valid_flag: bool = False,
-                 load_interval: int = 1, eval_version: str = "detection_cvpr_2019", type: str | None = None):
+                 load_interval: int = 1, eval_version: str = "detection_cvpr_2019",
+                 missing_sensors: str = "error", drop_sensors: Mapping[str, Any] | None = None,
+                 type: str | None = None):
         if box_type_3d.lower() != "lidar":
             raise ValueError(f"box_type_3d {box_type_3d!r} is not supported (only LiDAR)")
         self.dataset_root = os.fspath(dataset_root)
@@ -69,41 +79,33 @@ class NuScenesDataset(torch.utils.data.Dataset):
         self.epoch = 0
         data = load_pickle(self.ann_file)
         if not isinstance(data, Mapping) or "infos" not in data:
-            raise KeyError(f"{self.ann_file}: not an info file (expected a dict with 'infos' and 'metadata')")
-        infos = sorted(data["infos"], key=lambda info: info.get("timestamp", 0))[::load_interval]
+            raise DataError(f"{self.ann_file}: not an info file (expected a dict with 'infos' and 'metadata')")
+        check_infos(data["infos"], self.ann_file, require_annotations=not test_mode)
+        infos = sorted(data["infos"], key=lambda info: info["timestamp"])[::load_interval]
         self.metadata = dict(data.get("metadata", {}))
         self.version = self.metadata.get("version")
-        for info in infos:
-            self._validate(info)
         self.data_infos = infos
+        self.camera_names = tuple(dict.fromkeys(name for info in data["infos"] for name in info["cams"]))
+        self.missing_sensors = check_missing_policy(missing_sensors, f"{self.ann_file}: missing_sensors")
+        self.drop_sensors = parse_drop_sensors(drop_sensors, self.camera_names)
+        self.dropout_enabled = (self.missing_sensors == "drop" or bool(self.drop_sensors["cameras"])
+                                or self.drop_sensors["lidar"] or self.drop_sensors["max_sweeps"] is not None)
+        self._dropout_counts = dict.fromkeys(COUNT_KEYS, 0)
         self.pipeline = Compose(pipeline or [], path=f"{self.ann_file} pipeline")
         self._class_index = {name: i for i, name in enumerate(self.object_classes)}
 
-    def _validate(self, info: Mapping[str, Any]) -> None:
-        token = info.get("token", "?") if isinstance(info, Mapping) else "?"
-        if not isinstance(info, Mapping):
-            raise KeyError(f"{self.ann_file}: an info entry is a {type(info).__name__}, not a dict")
-        required = _INFO_KEYS + (() if self.test_mode else _ANN_KEYS)
-        missing = [k for k in required if k not in info]
-        if missing:
-            raise KeyError(f"{self.ann_file}: sample {token} lacks info keys {missing}")
-        for cam, cam_info in info["cams"].items():
-            missing = [k for k in _CAM_KEYS if k not in cam_info]
-            if missing:
-                raise KeyError(f"{self.ann_file}: sample {token} camera {cam} lacks keys {missing}")
-        for i, sweep in enumerate(info["sweeps"]):
-            missing = [k for k in _SWEEP_KEYS if k not in sweep]
-            if missing:
-                raise KeyError(f"{self.ann_file}: sample {token} sweep {i} lacks keys {missing}")
-        if not self.test_mode:
-            n = len(info["gt_boxes"])
-            for key in ("gt_names", "gt_velocity", "num_lidar_pts", "valid_flag"):
-                if len(info[key]) != n:
-                    raise ValueError(f"{self.ann_file}: sample {token}: {key} has {len(info[key])} entries, "
-                                     f"gt_boxes has {n}")
-
     def __len__(self) -> int:
         return len(self.data_infos)
+
+    @property
+    def dropout_counts(self) -> dict[str, int]:
+        """Files missing and sensors dropped so far, over the samples returned **in this process**
+        (data-loader workers count in their own copies: add up `metas["dropped"]["counts"]` instead,
+        with bevfusion.datasets.dropout.sum_dropout_counts)."""
+        return dict(self._dropout_counts)
+
+    def reset_dropout_counts(self) -> None:
+        self._dropout_counts = dict.fromkeys(COUNT_KEYS, 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell epoch-dependent transforms (ObjectPaste's stop_epoch) which epoch runs."""
@@ -151,13 +153,24 @@ class NuScenesDataset(torch.utils.data.Dataset):
             # state, which the data loader seeds per worker.
             "rng": np.random.default_rng(np.random.randint(0, 2**31 - 1)),
         }
+        if self.dropout_enabled:
+            # What to leave out on purpose, what a missing file does, and the record of what the
+            # loaders left out (bevfusion.datasets.dropout). Without dropout options none of these
+            # keys exist, so batches are exactly as before.
+            results.update({
+                "camera_mask": np.array([n not in self.drop_sensors["cameras"] for n in info["cams"]], dtype=bool),
+                "drop_lidar": self.drop_sensors["lidar"],
+                "max_sweeps": self.drop_sensors["max_sweeps"],
+                "missing_sensors": self.missing_sensors,
+                "dropped": new_record(),
+            })
         if self.has_annotations(index):
             results["ann_info"] = self.get_ann_info(index)
         return results
 
     def has_annotations(self, index: int) -> bool:
         """Whether the info carries ground truth (val infos do, also in test mode; test-split infos do not)."""
-        return all(k in self.data_infos[index] for k in _ANN_KEYS)
+        return all(k in self.data_infos[index] for k in ANN_KEYS)
 
     def get_ann_info(self, index: int) -> dict[str, np.ndarray]:
         """Boxes (internal convention, 9 values with velocity), labels and names of one sample."""
@@ -183,18 +196,32 @@ class NuScenesDataset(torch.utils.data.Dataset):
                        if str(n) in self._class_index})
 
     def prepare(self, index: int) -> dict | None:
-        return self.pipeline(self.get_data_info(index))
+        return self._prepare(index)[0]
+
+    def _prepare(self, index: int) -> tuple[dict | None, dict[str, Any] | None]:
+        """The pipeline's output and the sample's dropout record (filled in by the loaders; None
+        without dropout options)."""
+        results = self.get_data_info(index)
+        record = results.get("dropped")
+        return self.pipeline(results), record
+
+    def _count(self, record: Mapping[str, Any] | None) -> None:
+        if record is not None:
+            for key, n in record["counts"].items():
+                self._dropout_counts[key] += n
 
     def __getitem__(self, index: int) -> dict:
         if self.test_mode or not self.filter_empty_gt:
-            result = self.prepare(index)
+            result, record = self._prepare(index)
             if result is None:
                 raise RuntimeError(f"sample {self.data_infos[index]['token']}: the pipeline dropped it")
+            self._count(record)
             return result
         rng = np.random.default_rng(np.random.randint(0, 2**31 - 1))
         for _ in range(len(self)):
-            result = self.prepare(index)
+            result, record = self._prepare(index)
             if result is not None and _has_labels(result):
+                self._count(record)
                 return result
             index = int(rng.integers(len(self)))
         raise RuntimeError(f"{self.ann_file}: no sample keeps a labelled box through the pipeline")

@@ -19,11 +19,16 @@ Set by the dataset (`NuScenesDataset.get_data_info`):
     ann_info                  (not in test mode) dict with gt_bboxes_3d (M, 9) float64 internal
                               convention (see bevfusion.structures.boxes), gt_labels_3d (M,) int64
                               (-1 for names outside the classes), gt_names (M,) str
+    camera_mask               (6,) bool, False for a camera dropped on purpose (the image loader
+                              also sets False for a missing file under missing_sensors="drop")
+    drop_lidar (bool), max_sweeps (int | None), missing_sensors ("error" | "drop")
+                              sensor dropout requests (bevfusion.datasets.dropout)
+    dropped                   the dropout record the loaders fill in (→ metas["dropped"])
 Added by loading transforms:
     points                    (N, 5) float32 in the (augmented) LiDAR frame: x, y, z, intensity,
-                              time lag in seconds (0 for the keyframe)
-    img                       list of 6 PIL RGB images; after ImageNormalize a float32 tensor
-                              (6, 3, H, W)
+                              time lag in seconds (0 for the keyframe); (0, 5) without LiDAR
+    img                       list of 6 PIL RGB images (black stand-ins for dropped cameras); after
+                              ImageNormalize a float32 tensor (6, 3, H, W)
     ori_shape                 (W, H) of the original images
     gt_bboxes_3d, gt_labels_3d, gt_names   copied out of ann_info by LoadAnnotations3D
     img_aug_matrix            (6, 4, 4) float64: augmented pixel = img_aug_matrix @ (u, v, 1, 1)

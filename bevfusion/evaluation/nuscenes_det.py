@@ -110,16 +110,18 @@ def evaluate_detection(result_path: str | os.PathLike, dataroot: str | os.PathLi
     Returns the devkit's `metrics_summary` dict: `mean_ap`, `nd_score`, `tp_errors`,
     `label_aps` (per class and distance threshold), `mean_dist_aps`, `label_tp_errors`, ...
     """
-    from nuscenes import NuScenes
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.common.data_classes import EvalBoxes
     from nuscenes.eval.detection.evaluate import DetectionEval
     from nuscenes.utils.splits import create_splits_scenes
 
-    nusc = nusc or NuScenes(version=version, dataroot=os.fspath(dataroot), verbose=verbose)
+    from bevfusion.datasets.devkit import open_nuscenes
+    from bevfusion.datasets.errors import load_json
+
+    nusc = nusc or open_nuscenes(version, dataroot, verbose=verbose)
     # The devkit insists on predictions for every sample of the split. When fewer were run (a
     # subsampled val set), pad the submission and then score only the samples that were run.
-    submission = json.loads(Path(result_path).read_text())
+    submission = load_json(result_path)
     run = set(submission["results"])
     scenes = set(create_splits_scenes()[eval_set])
     split_tokens = {s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes}

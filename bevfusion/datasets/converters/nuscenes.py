@@ -168,13 +168,13 @@ def create_nuscenes_infos(root_path: str | os.PathLike, version: str = "v1.0-tra
     Paths inside the infos are `root_path` joined with the devkit's relative file names, as the
     official converter writes them; `NuScenesDataset` also resolves them against its dataset root.
     """
-    from nuscenes import NuScenes
+    from bevfusion.datasets.devkit import open_nuscenes
 
     if max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     root = os.fspath(root_path)
     out = Path(out_dir if out_dir is not None else root)
-    nusc = NuScenes(version=version, dataroot=root, verbose=False)
+    nusc = open_nuscenes(version, root)
     by_name = {s["name"]: s for s in nusc.scene}
     splits = split_scenes(version)
     scene_split: dict[str, str] = {}

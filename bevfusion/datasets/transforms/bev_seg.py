@@ -31,12 +31,12 @@ def get_nuscenes_map(dataset_root: str | os.PathLike, location: str):
     with _MAPS_LOCK:
         nusc_map = _MAPS.get(key)
         if nusc_map is None:
-            from nuscenes.map_expansion.map_api import NuScenesMap
+            from bevfusion.datasets.devkit import open_nuscenes_map
 
             path = os.path.join(key[0], "maps", "expansion", f"{location}.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"map expansion file {path} for location {location!r} is missing")
-            nusc_map = NuScenesMap(dataroot=key[0], map_name=str(location))
+            nusc_map = open_nuscenes_map(key[0], location)
             _MAPS[key] = nusc_map
     return nusc_map
 

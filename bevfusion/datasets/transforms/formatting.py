@@ -25,7 +25,7 @@ class DefaultFormatBundle3D:
     """Turn points, images, boxes, labels and masks into tensors.
 
     points → float32 (N, C); img → (6, 3, H, W) (float32 if normalised, else uint8); gt_bboxes_3d →
-    float32 (M, 9); gt_labels_3d → int64 (M,); gt_masks_bev → int64 (C, X, Y).
+    float32 (M, 9); gt_labels_3d → int64 (M,); gt_masks_bev → int64 (C, X, Y); camera_mask → bool (6,).
     """
 
     def __init__(self, classes: Sequence[str] | None = None, with_gt: bool = True, with_label: bool = True):
@@ -44,14 +44,24 @@ class DefaultFormatBundle3D:
             results["gt_labels_3d"] = torch.as_tensor(np.asarray(results["gt_labels_3d"]), dtype=torch.int64)
         if "gt_masks_bev" in results:
             results["gt_masks_bev"] = torch.as_tensor(np.asarray(results["gt_masks_bev"]), dtype=torch.int64)
+        if "camera_mask" in results:
+            results["camera_mask"] = _camera_mask(results["camera_mask"])
         return results
 
     def __repr__(self) -> str:
         return "DefaultFormatBundle3D()"
 
 
+def _camera_mask(mask) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(mask, dtype=bool), dtype=torch.bool)
+
+
 class Collect3D:
-    """Keep `keys` (data) and `meta_keys` (geometry matrices as tensors, everything else in `metas`)."""
+    """Keep `keys` (data) and `meta_keys` (geometry matrices as tensors, everything else in `metas`).
+
+    `camera_mask` ((N,) bool, False for a camera left out by sensor dropout) is always kept when the
+    sample has one, and the dropout record goes to `metas["dropped"]` (bevfusion.datasets.dropout).
+    """
 
     def __init__(self, keys: Sequence[str], meta_keys: Sequence[str] = (
             "camera_intrinsics", "camera2ego", "lidar2ego", "lidar2camera", "camera2lidar", "lidar2image",
@@ -71,8 +81,10 @@ class Collect3D:
                 continue
             if key in MATRIX_KEYS:
                 out[key] = torch.as_tensor(np.asarray(results[key]), dtype=torch.float32)
+        if "camera_mask" in results:
+            out["camera_mask"] = _camera_mask(results["camera_mask"])
         metas = {k: results[k] for k in ("token", "timestamp", "location", "lidar2ego", "ego2global",
-                                           "ori_shape", "lidar_path") if k in results}
+                                           "ori_shape", "lidar_path", "dropped") if k in results}
         metas.update({k: results[k] for k in self.meta_lis_keys if k in results})
         out["metas"] = metas
         return out

@@ -69,10 +69,9 @@ def _as_boxes(boxes) -> np.ndarray:
 
 
 def _default_points_loader(results: dict) -> dict:
-    data = np.fromfile(results["lidar_path"], dtype=np.float32)
-    if data.size % 5:
-        raise ValueError(f"{results['lidar_path']}: {data.size} float32 values, not a multiple of 5")
-    results["points"] = data.reshape(-1, 5)
+    from bevfusion.datasets.transforms.loading import load_points
+
+    results["points"] = load_points(results["lidar_path"], 5, results.get("token", "?"), allow_empty=True)
     return results
 
 
@@ -201,8 +200,9 @@ class DataBaseSampler:
             path = record["path"]
             if self.dataset_root and not os.path.isabs(path):
                 path = os.path.join(self.dataset_root, path)
-            pts = np.array(self.points_loader({"lidar_path": path, "token": record.get("image_idx", "?")})["points"],
-                           dtype=np.float32, copy=True)
+            loaded = self.points_loader({"lidar_path": path, "token": record.get("image_idx", "?"),
+                                         "allow_empty_points": True})
+            pts = np.array(loaded["points"], dtype=np.float32, copy=True)
             pts[:, :3] += box[:3].astype(np.float32)
             points.append(pts)
         return {
@@ -250,6 +250,8 @@ class ObjectPaste:
     def __call__(self, results: dict) -> dict:
         if self.stop_epoch is not None and self.epoch >= self.stop_epoch:
             return results
+        if (results.get("dropped") or {}).get("lidar"):
+            return results  # no LiDAR (sensor dropout): pasting would bring points back
         from bevfusion.datasets.transforms.augment import sample_rng
 
         boxes = _as_boxes(results["gt_bboxes_3d"])
