@@ -1,36 +1,95 @@
-"""The one registry from the official config `type` names to our classes.
+"""The one registry from the official config `type` names to our classes, and the one builder.
 
 The table is a literal, hand-written mapping from a `type` name to "module:attribute", so that a grep
 for a name finds its class and nothing is registered as a side effect of an import. Classes are
 imported on first lookup, which keeps `import bevfusion` light.
 
-`build(cfg, path)` builds an object from a mapping with a `type` key: it checks the remaining keys
-against the constructor's signature and fails with the config path, e.g.
-`model.fuser: unknown key in_channel for ConvFuser (expected in_channels, out_channels)`.
+`build(cfg, path)` builds an object from a mapping with a `type` key. REGISTRY (the model tree; built with
+`nested=True`) builds bottom-up: every nested section with a
+`type` key (a loss, a box coder, an assigner and its costs, a norm / activation / conv layer spec, ...) is
+built first, in the order the keys appear, and the constructor receives finished objects. Keys are checked
+against the constructor's signature, and every failure, from an unknown type to a constructor's own
+ValueError, is one `RegistryError` that names the full config path, e.g.
+`model.heads.object.train_cfg.assigner.cls_cost: unknown key wieght for FocalLossCost (did you mean weight?)`.
+
+Two kinds of entries change that:
+* a class with a `from_config(cfg, path, **options)` classmethod builds its own sections (containers such
+  as `BEVFusion`, which choose what to build from several keys); it gets the raw mapping, its path and the
+  `extra` keyword arguments of `build`;
+* a name in `PARTIAL` builds a `Partial`: the checked keyword arguments, completed by the module that uses
+  it (CenterHead's `separate_head` needs the per-task heads it makes).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["Registry", "RegistryError", "REGISTRY", "build", "lookup"]
+__all__ = ["Registry", "RegistryError", "REGISTRY", "Partial", "build", "built", "lookup", "check_kwargs"]
 
 
-class RegistryError(KeyError):
-    """An unknown `type` name or a config that does not fit the constructor."""
+class RegistryError(ValueError, KeyError):
+    """A config section that cannot be built: unknown `type`, a key the constructor does not take, or
+    the constructor's own error; the message starts with the section's config path."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
+class Partial:
+    """A checked, not yet called constructor: `partial(**more)` builds it with the remaining arguments."""
+
+    def __init__(self, target: Callable[..., Any], kwargs: Mapping[str, Any], path: str = ""):
+        self.target, self.kwargs, self.path = target, dict(kwargs), path
+
+    def __call__(self, **more: Any) -> Any:
+        kwargs = {**self.kwargs, **more}
+        check_kwargs(self.target, kwargs, self.path)
+        return _call(self.target, kwargs, self.path)
+
+    def __repr__(self) -> str:
+        return f"Partial({getattr(self.target, '__name__', self.target)}, {self.kwargs})"
+
+
+def _call(target: Callable[..., Any], kwargs: Mapping[str, Any], path: str) -> Any:
+    """`target(**kwargs)`; a ValueError/TypeError of the constructor becomes a RegistryError with the path."""
+    try:
+        return target(**kwargs)
+    except RegistryError:
+        raise
+    except (ValueError, TypeError) as exc:
+        where = f"{path}: " if path else ""
+        message = str(exc)
+        raise RegistryError(message if path and message.startswith(path) else f"{where}{message}") from exc
+
+
 class Registry:
     """A name → class table whose values are classes or "module:attribute" strings (imported lazily)."""
 
-    def __init__(self, name: str, table: Mapping[str, str | Callable[..., Any]]):
+    def __init__(self, name: str, table: Mapping[str, str | Callable[..., Any]], partial: tuple[str, ...] = (),
+                 nested: bool = False):
         self.name = name
         self._table = dict(table)
+        self._partial = set(partial)
+        self.nested = nested  # build nested `type` sections first (the model tree); False: pass them through
+
+    def register(self, type_name: str, target: str | Callable[..., Any], partial: bool = False) -> None:
+        """Add (or replace) a name; `target` is a class/callable or a "module:attribute" string."""
+        self._table[type_name] = target
+        (self._partial.add if partial else self._partial.discard)(type_name)
+
+    @contextlib.contextmanager
+    def registered(self, table: Mapping[str, str | Callable[..., Any]]) -> Iterator["Registry"]:
+        """Names added for the duration of a `with` block (tests, plug-ins tried in a notebook)."""
+        saved, saved_partial = dict(self._table), set(self._partial)
+        try:
+            for name, target in table.items():
+                self.register(name, target)
+            yield self
+        finally:
+            self._table, self._partial = saved, saved_partial
 
     def __contains__(self, type_name: str) -> bool:
         return type_name in self._table
@@ -58,25 +117,45 @@ class Registry:
         return target
 
     def build(self, cfg: Mapping[str, Any], path: str = "", **extra: Any) -> Any:
-        """Build `cfg["type"]` with the other keys (plus `extra`) as keyword arguments.
-
-        Keys are checked against the constructor's signature first, so a typo fails with the config
-        path and the accepted names instead of a bare TypeError from deep inside.
-        """
+        """Build `cfg["type"]` with the other keys (nested sections built first, plus `extra`) as keyword
+        arguments; see the module docstring."""
         if not isinstance(cfg, Mapping):
             raise RegistryError(f"{path or 'config'}: expected a mapping with a 'type' key, "
                                 f"got {type(cfg).__name__}")
         if "type" not in cfg:
             raise RegistryError(f"{path or 'config'}: missing 'type' key (keys: {', '.join(map(str, cfg))})")
-        kwargs = {k: v for k, v in cfg.items() if k != "type"}
+        type_name = cfg["type"]
+        target = self.get(type_name, path)
+        raw = {k: v for k, v in cfg.items() if k != "type"}
+        from_config = getattr(target, "from_config", None) if isinstance(target, type) else None
+        if from_config is not None:
+            return _call(from_config, {"cfg": raw, "path": path, **extra}, path)
+        kwargs = {k: self.build_nested(v, _join(path, k)) for k, v in raw.items()} if self.nested else raw
         kwargs.update(extra)
-        cls = self.get(cfg["type"], path)
-        check_kwargs(cls, kwargs, path)
-        return cls(**kwargs)
+        partial = type_name in self._partial
+        check_kwargs(target, kwargs, path, complete=not partial)
+        if partial:
+            return Partial(target, kwargs, path)
+        return _call(target, kwargs, path)
+
+    def build_nested(self, value: Any, path: str) -> Any:
+        """A config value with every `type` section in it built (mappings and lists are walked)."""
+        if isinstance(value, Mapping):
+            if isinstance(value.get("type"), str):
+                return self.build(value, path)
+            return {k: self.build_nested(v, _join(path, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.build_nested(v, f"{path}[{i}]") for i, v in enumerate(value))
+        return value
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = "") -> None:
-    """Raise RegistryError naming `path` if `kwargs` cannot be passed to `fn`."""
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = "", complete: bool = True) -> None:
+    """Raise RegistryError naming `path` if `kwargs` cannot be passed to `fn` (with `complete=False`, required
+    arguments may still be missing: a `Partial` gets them later)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: let the call decide
@@ -98,7 +177,7 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = 
     missing = [n for n, p in params.items()
                if n != "self" and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                and n not in kwargs]
-    if missing:
+    if missing and complete:
         raise RegistryError(f"{where}missing key {', '.join(missing)} for {name}")
 
 
@@ -114,6 +193,7 @@ REGISTRY = Registry("bevfusion", {
     "DepthLSSTransform": "bevfusion.models.camera.vtransforms:DepthLSSTransform",
     # LiDAR encoder
     "Voxelization": "bevfusion.ops.voxelize:Voxelization",
+    "DynamicScatter": "bevfusion.ops.voxelize:DynamicScatter",
     "SparseEncoder": "bevfusion.models.lidar.sparse_encoder:SparseEncoder",
     # fuser
     "ConvFuser": "bevfusion.models.fusers:ConvFuser",
@@ -126,7 +206,59 @@ REGISTRY = Registry("bevfusion", {
     "TransFusionHead": "bevfusion.models.heads.transfusion:TransFusionHead",
     "CenterHead": "bevfusion.models.heads.centerpoint:CenterHead",
     "BEVSegmentationHead": "bevfusion.models.heads.segm:BEVSegmentationHead",
-})
+    "SeparateHead": "bevfusion.models.heads.centerpoint:SeparateHead",  # partial: CenterHead adds the heads
+    # box coders, assigner, matching costs
+    "TransFusionBBoxCoder": "bevfusion.models.heads.coders:TransFusionBBoxCoder",
+    "CenterPointBBoxCoder": "bevfusion.models.heads.coders:CenterPointBBoxCoder",
+    "HungarianAssigner3D": "bevfusion.models.heads.assigners:HungarianAssigner3D",
+    "FocalLossCost": "bevfusion.models.heads.assigners:FocalLossCost",
+    "BBoxBEVL1Cost": "bevfusion.models.heads.assigners:BBoxBEVL1Cost",
+    "IoU3DCost": "bevfusion.models.heads.assigners:IoU3DCost",
+    "BboxOverlaps3D": "bevfusion.models.heads.assigners:BboxOverlaps3D",
+    # losses
+    "FocalLoss": "bevfusion.models.heads.losses:FocalLoss",
+    "GaussianFocalLoss": "bevfusion.models.heads.losses:GaussianFocalLoss",
+    "L1Loss": "bevfusion.models.heads.losses:L1Loss",
+    # layer specs (norm_cfg, act_cfg, conv_cfg, upsample_cfg, init_cfg sections)
+    "BN": "bevfusion.models.layers:BN",
+    "BN1d": "bevfusion.models.layers:BN1d",
+    "BN2d": "bevfusion.models.layers:BN2d",
+    "BN3d": "bevfusion.models.layers:BN3d",
+    "SyncBN": "bevfusion.models.layers:SyncBN",
+    "GN": "bevfusion.models.layers:GN",
+    "LN": "bevfusion.models.layers:LN",
+    "ReLU": "bevfusion.models.layers:ReLU",
+    "LeakyReLU": "bevfusion.models.layers:LeakyReLU",
+    "GELU": "bevfusion.models.layers:GELU",
+    "Sigmoid": "bevfusion.models.layers:Sigmoid",
+    "SiLU": "bevfusion.models.layers:SiLU",
+    "Swish": "bevfusion.models.layers:Swish",
+    "Tanh": "bevfusion.models.layers:Tanh",
+    "Conv": "bevfusion.models.layers:Conv",
+    "Conv1d": "bevfusion.models.layers:Conv1d",
+    "Conv2d": "bevfusion.models.layers:Conv2d",
+    "Conv3d": "bevfusion.models.layers:Conv3d",
+    "deconv": "bevfusion.models.layers:deconv",
+    "ConvTranspose2d": "bevfusion.models.layers:ConvTranspose2d",
+    "Pretrained": "bevfusion.models.layers:Pretrained",
+}, partial=("SeparateHead",), nested=True)
+
+
+def built(value: Any, path: str, default: Mapping[str, Any] | None = None, kind: type | tuple[type, ...] | None = None
+          ) -> Any:
+    """`value` as a finished object, for constructors that take objects but also their config in Python:
+    a `{type: ...}` mapping is built through REGISTRY, None gives `default` built (or None), anything else
+    passes through. With `kind`, the result must be an instance of it."""
+    if value is None:
+        if default is None:
+            return None
+        value = default
+    if isinstance(value, Mapping):
+        value = REGISTRY.build(value, path)
+    if kind is not None and not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RegistryError(f"{path}: expected a {names} (or its config), got {type(value).__name__}")
+    return value
 
 
 def lookup(type_name: str, path: str = "") -> Callable[..., Any]:

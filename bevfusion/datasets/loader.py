@@ -40,7 +40,7 @@ def cbgs_indices(cat_ids: Sequence[Sequence[int]], num_classes: int, seed: int =
 class CBGSDataset(Dataset):
     """Wrap a dataset with `get_cat_ids` and resample it class-balanced (drawn once, with `seed`)."""
 
-    def __init__(self, dataset: Dataset, seed: int = 0, type: str | None = None):
+    def __init__(self, dataset: Dataset, seed: int = 0):
         self.dataset = dataset
         classes = getattr(dataset, "object_classes", None) or getattr(dataset, "CLASSES")
         self.sample_indices = cbgs_indices([dataset.get_cat_ids(i) for i in range(len(dataset))],

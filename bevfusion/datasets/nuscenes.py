@@ -62,8 +62,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
                  modality: Mapping[str, bool] | None = None, box_type_3d: str = "LiDAR",
                  filter_empty_gt: bool = True, test_mode: bool = False, use_valid_flag: bool = False,
                  load_interval: int = 1, eval_version: str = "detection_cvpr_2019",
-                 missing_sensors: str = "error", drop_sensors: Mapping[str, Any] | None = None,
-                 type: str | None = None):
+                 missing_sensors: str = "error", drop_sensors: Mapping[str, Any] | None = None):
         if box_type_3d.lower() != "lidar":
             raise ValueError(f"box_type_3d {box_type_3d!r} is not supported (only LiDAR)")
         self.dataset_root = os.fspath(dataset_root)

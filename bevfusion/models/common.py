@@ -2,67 +2,39 @@
 
 `ConvModule` keeps mmcv's child names (`conv`, `bn`, `activate`) so that official checkpoint keys such
 as `lateral_convs.0.conv.weight` / `lateral_convs.0.bn.running_mean` load unchanged. `build_norm` and
-`build_activation` read the official `norm_cfg` / `act_cfg` mappings (`{type: BN, eps: 1e-3, ...}`).
+`build_activation` make one layer from a layer spec (`bevfusion.models.layers`) or the official
+`norm_cfg` / `act_cfg` mapping it is built from (`{type: BN, eps: 1e-3, ...}`).
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["freeze_module", "init_from_cfg", "merge_pretrained", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
+from bevfusion.models.layers import ActivationSpec, ConvSpec, LeakyReLU, NormSpec, Pretrained, as_spec
+
+__all__ = ["backbone_state_dict", "freeze_module", "init_from_cfg", "merge_pretrained", "read_local_checkpoint", "URL_PREFIXES", "ConvModule", "DropPath", "build_norm", "build_activation", "norm_name", "kaiming_init",
            "trunc_normal_"]
 
-_NORMS = {"BN": nn.BatchNorm2d, "BN2d": nn.BatchNorm2d, "BN1d": nn.BatchNorm1d, "BN3d": nn.BatchNorm3d,
-          "SyncBN": nn.SyncBatchNorm, "GN": nn.GroupNorm, "LN": nn.LayerNorm}
-# mmcv names a norm child by the abbreviation of its class ("bn", "gn", "ln").
-_NORM_ABBR = {"BN": "bn", "BN1d": "bn", "BN2d": "bn", "BN3d": "bn", "SyncBN": "bn", "GN": "gn", "LN": "ln"}
-_ACTS = {"ReLU": nn.ReLU, "LeakyReLU": nn.LeakyReLU, "GELU": nn.GELU, "Sigmoid": nn.Sigmoid, "SiLU": nn.SiLU,
-         "Swish": nn.SiLU, "Tanh": nn.Tanh}
-
-
-def norm_name(norm_cfg: Mapping[str, Any]) -> str:
+def norm_name(norm_cfg: NormSpec | Mapping[str, Any] | None) -> str:
     """Child name mmcv gives a norm layer built from `norm_cfg` ("bn" for BN/BN2d/SyncBN)."""
-    kind = norm_cfg.get("type", "BN")
-    if kind not in _NORM_ABBR:
-        raise ValueError(f"norm_cfg: unknown norm type {kind!r} (expected one of {', '.join(_NORMS)})")
-    return _NORM_ABBR[kind]
+    return as_spec(norm_cfg, NormSpec, {"type": "BN"}, "norm_cfg").abbr
 
 
-def build_norm(norm_cfg: Mapping[str, Any] | None, num_features: int) -> nn.Module:
-    """A norm layer from an mmcv-style `norm_cfg` (type, eps, momentum, requires_grad, num_groups)."""
-    cfg = dict(norm_cfg or {"type": "BN"})
-    kind = cfg.pop("type", "BN")
-    requires_grad = cfg.pop("requires_grad", True)
-    if kind not in _NORMS:
-        raise ValueError(f"norm_cfg: unknown norm type {kind!r} (expected one of {', '.join(_NORMS)})")
-    if kind == "GN":
-        layer = nn.GroupNorm(num_channels=num_features, **cfg)
-    elif kind == "LN":
-        layer = nn.LayerNorm(num_features, **cfg)
-    else:
-        layer = _NORMS[kind](num_features, **cfg)
-    for p in layer.parameters():
-        p.requires_grad = requires_grad
-    return layer
+def build_norm(norm_cfg: NormSpec | Mapping[str, Any] | None, num_features: int, dims: int | None = None) -> nn.Module:
+    """One norm layer from a norm spec or an mmcv-style `norm_cfg` mapping (default BN)."""
+    return as_spec(norm_cfg, NormSpec, {"type": "BN"}, "norm_cfg")(num_features, dims)
 
 
-def build_activation(act_cfg: Mapping[str, Any] | None, inplace: bool | None = None) -> nn.Module | None:
-    """An activation from an mmcv-style `act_cfg` ({type: ReLU, inplace: true}); None gives None."""
-    if act_cfg is None:
-        return None
-    cfg = dict(act_cfg)
-    kind = cfg.pop("type", "ReLU")
-    if kind not in _ACTS:
-        raise ValueError(f"act_cfg: unknown activation {kind!r} (expected one of {', '.join(_ACTS)})")
-    if inplace is not None and kind in ("ReLU", "LeakyReLU", "SiLU", "Swish"):
-        cfg["inplace"] = inplace
-    if kind in ("GELU", "Sigmoid", "Tanh"):
-        cfg.pop("inplace", None)
-    return _ACTS[kind](**cfg)
+def build_activation(act_cfg: ActivationSpec | Mapping[str, Any] | None, inplace: bool | None = None
+                     ) -> nn.Module | None:
+    """One activation from a spec or an mmcv-style `act_cfg` ({type: ReLU, inplace: true}); None gives None."""
+    spec = as_spec(act_cfg, ActivationSpec, None, "act_cfg")
+    return spec(inplace) if spec is not None else None
 
 
 def kaiming_init(module: nn.Module, a: float = 0.0, mode: str = "fan_out", nonlinearity: str = "relu",
@@ -87,9 +59,9 @@ class ConvModule(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as nn.Conv2d.
         bias: "auto" means a bias only when there is no norm layer (mmcv's rule).
-        conv_cfg: None or {type: Conv2d|Conv1d|Conv3d}.
-        norm_cfg: None or an mmcv norm config ({type: BN, eps, momentum, requires_grad}).
-        act_cfg: None or an mmcv activation config (default ReLU).
+        conv_cfg: a conv spec or its config (default {type: Conv2d}).
+        norm_cfg: None, a norm spec or an mmcv norm config ({type: BN, eps, momentum, requires_grad}).
+        act_cfg: None, an activation spec or an mmcv activation config (default ReLU).
         inplace: in-place activation.
 
     The conv gets mmcv's init (kaiming normal, fan_out, relu; zero bias) and the norm weight 1, bias 0,
@@ -101,21 +73,20 @@ class ConvModule(nn.Module):
                  conv_cfg: Mapping[str, Any] | None = None, norm_cfg: Mapping[str, Any] | None = None,
                  act_cfg: Mapping[str, Any] | None = {"type": "ReLU"}, inplace: bool = True):
         super().__init__()
-        kind = (conv_cfg or {}).get("type", "Conv2d")
-        convs = {"Conv2d": nn.Conv2d, "Conv": nn.Conv2d, "Conv1d": nn.Conv1d, "Conv3d": nn.Conv3d}
-        if kind not in convs:
-            raise ValueError(f"conv_cfg: unknown conv type {kind!r} (expected one of {', '.join(convs)})")
+        conv = as_spec(conv_cfg, ConvSpec, {"type": "Conv2d"}, "conv_cfg")
+        norm = as_spec(norm_cfg, NormSpec, None, "norm_cfg")
+        act = as_spec(act_cfg, ActivationSpec, None, "act_cfg")
         if bias == "auto":
-            bias = norm_cfg is None
-        self.conv = convs[kind](in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                                dilation=dilation, groups=groups, bias=bool(bias))
+            bias = norm is None
+        self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bool(bias))
         self.norm_name = None
-        if norm_cfg is not None:
-            self.norm_name = norm_name(norm_cfg)
-            self.add_module(self.norm_name, build_norm(norm_cfg, out_channels))
-        self.activate = build_activation(act_cfg, inplace)
-        if (act_cfg or {}).get("type") == "LeakyReLU":
-            kaiming_init(self.conv, a=act_cfg.get("negative_slope", 0.01), nonlinearity="leaky_relu")
+        if norm is not None:
+            self.norm_name = norm.abbr
+            self.add_module(self.norm_name, norm(out_channels))
+        self.activate = act(inplace) if act is not None else None
+        if isinstance(act, LeakyReLU):
+            kaiming_init(self.conv, a=act.kwargs["negative_slope"], nonlinearity="leaky_relu")
         else:
             kaiming_init(self.conv)
         if self.norm_name is not None:
@@ -158,28 +129,26 @@ URL_PREFIXES = ("http://", "https://", "s3://", "ftp://", "torchvision://", "ope
                 "pavi://", "mmcls://")
 
 
-def merge_pretrained(name: str, init_cfg: Mapping[str, Any] | None, pretrained: str | None
-                     ) -> dict[str, Any] | None:
-    """A backbone's init_cfg from the official pair of arguments: `pretrained=PATH` (mmdet's older
-    form) means {type: Pretrained, checkpoint: PATH}; giving both is an error naming the backbone."""
+def merge_pretrained(name: str, init_cfg: Pretrained | Mapping[str, Any] | None, pretrained: str | None
+                     ) -> Pretrained | None:
+    """A backbone's init from the official pair of arguments: `pretrained=PATH` (mmdet's older form) means
+    {type: Pretrained, checkpoint: PATH}; giving both is an error naming the backbone."""
     if pretrained is not None:
         if init_cfg is not None:
             raise ValueError(f"{name}: give init_cfg or pretrained, not both")
-        init_cfg = {"type": "Pretrained", "checkpoint": pretrained}
-    return dict(init_cfg) if init_cfg is not None else None
+        return Pretrained(pretrained)
+    return as_spec(init_cfg, Pretrained, None, f"{name}.init_cfg")
 
 
-def init_from_cfg(module: nn.Module, init_cfg: Mapping[str, Any] | None, name: str, logger: logging.Logger,
+def init_from_cfg(module: nn.Module, init_cfg: Pretrained | None, name: str, logger: logging.Logger,
                   warned: set[str]) -> None:
-    """Backbone init from an official `init_cfg`: `module._random_init()` without one,
-    `module.load_pretrained(path)` for a local `checkpoint`. A URL is never downloaded: the module keeps
-    its random init and logs one warning per URL (tracked in `warned`) saying how to give a local file."""
+    """Backbone init: `module._random_init()` without a `Pretrained`, `module.load_pretrained(path)` for a
+    local `checkpoint`. A URL is never downloaded: the module keeps its random init and logs one warning
+    per URL (tracked in `warned`) saying how to give a local file."""
     if init_cfg is None:
         module._random_init()
         return
-    if init_cfg.get("type", "Pretrained") != "Pretrained" or "checkpoint" not in init_cfg:
-        raise ValueError(f"{name}.init_cfg: expected {{type: Pretrained, checkpoint: PATH}}, got {init_cfg}")
-    path = str(init_cfg["checkpoint"])
+    path = init_cfg.checkpoint
     if path.startswith(URL_PREFIXES):
         module._random_init()
         if path not in warned:
@@ -190,6 +159,24 @@ def init_from_cfg(module: nn.Module, init_cfg: Mapping[str, Any] | None, name: s
                 "--set model.encoders.camera.backbone.init_cfg.checkpoint=PATH (a local file).", name, path)
         return
     module.load_pretrained(path)
+
+
+def backbone_state_dict(ckpt: Any) -> "OrderedDict[str, torch.Tensor]":
+    """The camera-backbone tensors of a checkpoint, keyed as in the backbone itself.
+
+    Accepts `{state_dict: ...}` (mmcv), `{model: ...}` (torchvision / Swin repo) or a plain state dict; strips a
+    DDP `module.` prefix, and keeps only the `encoders.camera.backbone.` (BEVFusion) or `backbone.` (mmdet
+    detector) part when there is one.
+    """
+    if not isinstance(ckpt, Mapping):
+        return OrderedDict()
+    state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt["model"] if "model" in ckpt else ckpt
+    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items()
+                        if isinstance(v, torch.Tensor))
+    for prefix in ("encoders.camera.backbone.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            return OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+    return state
 
 
 def read_local_checkpoint(path: str | os.PathLike, what: str) -> Any:

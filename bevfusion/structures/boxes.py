@@ -12,10 +12,19 @@ Official convention (old mmdet3d, used by the official info files and checkpoint
     the detection head, which converts at its own boundary.
 
 Conversions happen only where official data enters or leaves (info files, checkpoints, heads).
+`limit_period`, `official_to_internal`, `internal_to_official` and `box_corners` take a numpy array
+(float64 result) or a torch tensor (same dtype and device, differentiable); the other helpers here are
+the numpy conveniences of the data pipeline. The geometry itself (corners, IoU, NMS, points-in-boxes)
+lives once, in `bevfusion.ops.boxes`; `box_corners` and `points_in_boxes_np` call it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
+
+from bevfusion.ops.boxes import box_corners_3d, points_in_boxes
 
 __all__ = [
     "limit_period",
@@ -32,12 +41,29 @@ __all__ = [
 
 
 def limit_period(angle, offset: float = 0.5, period: float = 2 * np.pi):
-    """Wrap angles into [-offset*period, (1-offset)*period): the default gives [-pi, pi)."""
+    """Wrap angles into [-offset*period, (1-offset)*period): the default gives [-pi, pi).
+
+    `angle` is a number, a numpy array or a torch tensor (the result has its type, dtype and device).
+    """
+    if isinstance(angle, torch.Tensor):
+        return angle - torch.floor(angle / period + offset) * period
     return angle - np.floor(angle / period + offset) * period
 
 
-def official_to_internal(boxes: np.ndarray) -> np.ndarray:
-    """(x, y, z, w, l, h, yaw_mm, ...) → (x, y, z, l, w, h, yaw, ...); extra columns are kept."""
+def official_to_internal(boxes):
+    """(x, y, z, w, l, h, yaw_mm, ...) → (x, y, z, l, w, h, yaw, ...); extra columns are kept, z unchanged.
+
+    Args:
+        boxes: (M, 7+) numpy array (or nested list) or torch tensor.
+    Returns:
+        A new float64 numpy array for numpy input ((0, 7) for an empty 1-D input); a new tensor of the
+        same dtype and device for a tensor (yaw wrapped in that dtype).
+    """
+    if isinstance(boxes, torch.Tensor):
+        out = boxes.clone()
+        out[:, 3], out[:, 4] = boxes[:, 4], boxes[:, 3]
+        out[:, 6] = limit_period(-boxes[:, 6] - math.pi / 2)
+        return out
     boxes = np.asarray(boxes, dtype=np.float64)
     out = boxes.copy()
     if len(boxes) == 0:
@@ -47,9 +73,9 @@ def official_to_internal(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def internal_to_official(boxes: np.ndarray) -> np.ndarray:
-    """Inverse of `official_to_internal` (yaw_mm wrapped to [-pi, pi)). The map is its own inverse:
-    swapping the two sizes twice and applying yaw -> -yaw - pi/2 twice give back the input."""
+def internal_to_official(boxes):
+    """Inverse of `official_to_internal` (yaw_mm wrapped to [-pi, pi)), numpy or torch alike. The map is
+    its own inverse: swapping the two sizes twice and applying yaw -> -yaw - pi/2 twice give back the input."""
     return official_to_internal(boxes)
 
 
@@ -59,23 +85,17 @@ def rotation_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def box_corners(boxes: np.ndarray) -> np.ndarray:
-    """(M, 7+) internal boxes → (M, 8, 3) corners.
+def box_corners(boxes):
+    """(M, 7+) internal boxes → (M, 8, 3) corners (`bevfusion.ops.boxes.box_corners_3d`).
 
     Corner order: bottom face first (z - dz/2), counter-clockwise seen from above starting at the
-    front-left corner (+dx/2, +dy/2), then the top face in the same order.
+    front-left corner (+dx/2, +dy/2), then the top face in the same order. A numpy array (or list) gives
+    a float64 numpy array; a tensor gives a tensor of its dtype and device.
     """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    signs = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], dtype=np.float64)
-    local = np.zeros((8, 3))
-    local[:4, :2] = signs * 0.5
-    local[4:, :2] = signs * 0.5
-    local[:4, 2], local[4:, 2] = -0.5, 0.5
-    corners = local[None] * boxes[:, None, 3:6]  # (M, 8, 3)
-    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
-    x = corners[..., 0] * c[:, None] - corners[..., 1] * s[:, None]
-    y = corners[..., 0] * s[:, None] + corners[..., 1] * c[:, None]
-    return np.stack([x, y, corners[..., 2]], axis=-1) + boxes[:, None, :3]
+    if isinstance(boxes, torch.Tensor):
+        return box_corners_3d(boxes)
+    boxes = np.ascontiguousarray(boxes, dtype=np.float64)
+    return box_corners_3d(torch.from_numpy(boxes)).numpy()
 
 
 def rotate_boxes(boxes: np.ndarray, angle: float) -> np.ndarray:
@@ -125,27 +145,20 @@ def translate_boxes(boxes: np.ndarray, offset) -> np.ndarray:
 def points_in_boxes_np(points: np.ndarray, boxes: np.ndarray, eps: float = 0.0) -> np.ndarray:
     """(P, 3+) points, (M, 7+) internal boxes → (P, M) bool, True where a point lies inside a box.
 
-    `eps` grows every box by that margin (metres) on each face. Points are sorted by x once and each
-    box is tested only against the points within its x extent.
+    Faces are inclusive, decided in float64 by `bevfusion.ops.boxes.points_in_boxes` (numba on the CPU).
+    `eps` grows every box by that margin (metres) on each face; a negative `eps` shrinks it, and a box
+    shrunk below zero size holds no point.
     """
     points = np.asarray(points, dtype=np.float64)
     boxes = np.asarray(boxes, dtype=np.float64)
-    out = np.zeros((len(points), len(boxes)), dtype=bool)
     if len(boxes) == 0 or len(points) == 0:
-        return out
-    order = np.argsort(points[:, 0], kind="stable")
-    xs = points[order, 0]
-    half = boxes[:, 3:6] / 2 + eps
-    reach = np.hypot(half[:, 0], half[:, 1])
-    lo = np.searchsorted(xs, boxes[:, 0] - reach, side="left")
-    hi = np.searchsorted(xs, boxes[:, 0] + reach, side="right")
-    for m in range(len(boxes)):
-        idx = order[lo[m]:hi[m]]
-        if not len(idx):
-            continue
-        d = points[idx, :3] - boxes[m, :3]
-        c, s = np.cos(boxes[m, 6]), np.sin(boxes[m, 6])
-        inside = (np.abs(d[:, 0] * c + d[:, 1] * s) <= half[m, 0]) & \
-            (np.abs(-d[:, 0] * s + d[:, 1] * c) <= half[m, 1]) & (np.abs(d[:, 2]) <= half[m, 2])
-        out[idx[inside], m] = True
-    return out
+        return np.zeros((len(points), len(boxes)), dtype=bool)
+    boxes = np.array(boxes[:, :7], copy=True)
+    empty = np.zeros(len(boxes), dtype=bool)
+    if eps:
+        boxes[:, 3:6] += 2 * eps
+        empty = (boxes[:, 3:6] < 0).any(axis=1)
+        boxes[empty, 3:6] = 0.0
+    inside = points_in_boxes(torch.from_numpy(np.ascontiguousarray(points[:, :3])), torch.from_numpy(boxes)).numpy()
+    inside[:, empty] = False
+    return inside

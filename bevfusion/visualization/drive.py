@@ -26,7 +26,7 @@ def predict_samples(model_cfg: Mapping[str, Any], checkpoint: str | os.PathLike,
     from bevfusion.models import build_model
     from bevfusion.models.convert import load_converted, read_checkpoint
 
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, init_weights=False)  # the checkpoint replaces every weight
     ckpt = read_checkpoint(checkpoint)
     report = load_converted(model, ckpt.get("state_dict") or ckpt.get("model"), strict=True)
     log.info("loaded %s (%s)", checkpoint, report)

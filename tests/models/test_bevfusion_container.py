@@ -115,10 +115,9 @@ TOYS = {c.__name__: c for c in (ToyBackbone, ToyNeck, ToyVTransform, ToyLidarBac
 
 
 @pytest.fixture(autouse=True)
-def toy_registry(monkeypatch):
-    for name, cls in TOYS.items():
-        monkeypatch.setitem(REGISTRY._table, name, cls)
-    monkeypatch.setitem(REGISTRY._table, "Voxelization", ToyVoxelization)
+def toy_registry():
+    with REGISTRY.registered({**TOYS, "Voxelization": ToyVoxelization}):
+        yield
 
 
 def _config(camera=True, lidar=True, obj=True, seg=True):
@@ -194,3 +193,58 @@ def test_config_errors_name_their_path():
         build_model({**_config(), "fuser": None})
     with pytest.raises(ValueError, match="at least one of object and map"):
         build_model(_config(obj=False, seg=False))
+
+
+def test_errors_name_the_full_path_of_nested_sections():
+    cfg = _config()
+    cfg["encoders"]["camera"]["nek"] = cfg["encoders"]["camera"].pop("neck")
+    with pytest.raises(RegistryError, match=r"^model.encoders.camera: unknown key nek"):
+        build_model(cfg)
+    cfg = _config()
+    cfg["loss_scale"] = {"mapp": 2.0}
+    with pytest.raises(RegistryError, match=r"^model.loss_scale: no head named mapp"):
+        build_model(cfg)
+
+
+def test_model_from_finished_modules_equals_the_built_one():
+    """BEVFusion takes modules; from_config is only the way to build them from a config section."""
+    from bevfusion.models import build_decoder
+    from bevfusion.models.bevfusion import BEVFusion, CameraEncoder, LidarEncoder
+
+    torch.manual_seed(0)
+    built = build_model(_config()).eval()
+    torch.manual_seed(0)
+    by_hand = BEVFusion(
+        camera=CameraEncoder(ToyBackbone(), ToyNeck(), ToyVTransform()),
+        lidar=LidarEncoder(ToyVoxelization(10, [1.0, 1.0, 1.0], [0, 0, 0, 8, 8, 8], [100, 100]), ToyLidarBackbone()),
+        fuser=ToyFuser([4, 4], 4),
+        decoder=build_decoder({"backbone": {"type": "ToyDecoder"}, "neck": {"type": "ToyDecoder"}}),
+        heads={"object": ToyObjectHead(), "map": ToyMapHead()}).eval()
+    assert list(built.state_dict()) == list(by_hand.state_dict())
+    by_hand.load_state_dict(built.state_dict())
+    batch = _batch()
+    with torch.no_grad():
+        a, b = built(batch), by_hand(batch)
+    for x, y in zip(a, b):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+class InitRecordingBackbone(ToyBackbone):
+    calls = 0
+
+    def init_weights(self):
+        type(self).calls += 1
+
+
+def test_init_weights_can_be_left_out():
+    """A model whose checkpoint is loaded right after skips the camera backbone's own init (and so the
+    warning about a pretrained URL that is never downloaded)."""
+    cfg = _config()
+    cfg["encoders"]["camera"]["backbone"] = {"type": "InitRecordingBackbone"}
+    with REGISTRY.registered({"InitRecordingBackbone": InitRecordingBackbone}):
+        InitRecordingBackbone.calls = 0
+        build_model(cfg)
+        assert InitRecordingBackbone.calls == 1
+        build_model(cfg, init_weights=False)
+        assert InitRecordingBackbone.calls == 1

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from bevfusion.config import load_config
-from bevfusion.models.heads.centerpoint import CenterHead, CenterPointBBoxCoder
-from bevfusion.models.heads.transfusion_utils import gaussian_radius, internal_to_official_torch, rotated_nms
+from bevfusion.models.heads.centerpoint import CenterHead
+from bevfusion.models.heads.coders import CenterPointBBoxCoder
+from bevfusion.models.heads.targets import gaussian_radius
+from bevfusion.ops.boxes import nms_bev
+from bevfusion.structures.boxes import internal_to_official
 from bevfusion.registry import check_kwargs
 
 CAMERA_CFG = "configs/nuscenes/det/centerhead/lssfpn/camera/256x704/swint/default.yaml"
@@ -64,7 +67,7 @@ def test_targets_at_x_y(camera_head_cfg):
     # internal box: car at (10.3, -20.5), dx 4.5 (length), dy 1.9; a cone in the last task
     gt = torch.tensor([[10.3, -20.5, -1.0, 4.5, 1.9, 1.6, 0.0, 1.0, 2.0],
                        [-3.0, 7.0, -0.5, 0.4, 0.4, 1.0, 0.0, 0.0, 0.0]])
-    heatmaps, annos, inds, masks = head.get_targets_single(internal_to_official_torch(gt), torch.tensor([0, 9]))
+    heatmaps, annos, inds, masks = head.get_targets_single(internal_to_official(gt), torch.tensor([0, 9]))
     cell = 0.8
     fx, fy = (10.3 + 51.2) / cell, (-20.5 + 51.2) / cell  # 76.875, 38.375
     cx, cy = int(fx), int(fy)
@@ -108,7 +111,7 @@ def test_rotated_nms_vs_brute_force():
     boxes = torch.tensor(np.column_stack([rng.uniform(-4, 4, (n, 2)), np.zeros(n), rng.uniform(0.5, 3, (n, 2)),
                                           np.ones(n), rng.uniform(-np.pi, np.pi, n)]))
     scores = torch.tensor(rng.uniform(size=n))
-    keep = rotated_nms(boxes, scores, 0.2, pre_max_size=30, post_max_size=10).tolist()
+    keep = nms_bev(boxes, scores, 0.2, pre_max=30, post_max=10).tolist()
     # brute force with a polygon-free IoU: dense sampling of each pair
     from bevfusion.structures.boxes import points_in_boxes_np
     step = 0.02

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bevfusion.models.heads.losses import FocalLoss, GaussianFocalLoss, L1Loss, build_loss, weight_reduce_loss
+from bevfusion.models.heads.losses import FocalLoss, GaussianFocalLoss, L1Loss, weight_reduce_loss
+from bevfusion.registry import build as build_loss
 
 
 def _sigmoid(x: float) -> float:
@@ -104,5 +105,5 @@ def test_reductions_and_builder():
     assert isinstance(loss, L1Loss) and loss.loss_weight == 0.25
     assert isinstance(build_loss({"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25,
                                   "reduction": "mean", "loss_weight": 1.0}), FocalLoss)
-    with pytest.raises(ValueError, match="unknown loss type"):
+    with pytest.raises(ValueError, match="unknown bevfusion type 'SmoothL1'"):
         build_loss({"type": "SmoothL1"})

@@ -141,7 +141,10 @@ def test_pretrained_local_and_url(tmp_path, monkeypatch, caplog):
 def test_pretrained_and_init_cfg_are_one_setting():
     from bevfusion.models.camera.backbones.swin import SwinTransformer
 
-    assert ResNet(depth=18, pretrained="w.pth").init_cfg == {"type": "Pretrained", "checkpoint": "w.pth"}
+    from bevfusion.models.layers import Pretrained
+
+    assert ResNet(depth=18, pretrained="w.pth").init_cfg == Pretrained("w.pth")
+    assert ResNet(depth=18, init_cfg={"type": "Pretrained", "checkpoint": "w.pth"}).init_cfg == Pretrained("w.pth")
     assert ResNet(depth=18).init_cfg is None
     for build, name in ((lambda **kw: ResNet(depth=18, **kw), "ResNet"),
                         (lambda **kw: SwinTransformer(embed_dims=12, depths=[1], num_heads=[1], strides=[4],

@@ -10,9 +10,10 @@ import torch
 
 from bevfusion.config import load_config
 from bevfusion.models.heads.transfusion import TransFusionHead, local_max_suppression, select_queries
-from bevfusion.models.heads.transfusion_utils import (TransFusionBBoxCoder, circle_nms, draw_heatmap_gaussian,
-                                                      gaussian_2d, gaussian_radius, internal_to_official_torch,
-                                                      official_to_internal_torch)
+from bevfusion.models.heads.coders import TransFusionBBoxCoder
+from bevfusion.models.heads.targets import draw_heatmap_gaussian, gaussian_2d, gaussian_radius
+from bevfusion.ops.boxes import circle_nms
+from bevfusion.structures.boxes import internal_to_official, official_to_internal
 from bevfusion.registry import check_kwargs
 
 FUSION_CFG = "configs/nuscenes/det/transfusion/secfpn/camera+lidar/swint_v0p075/convfuser.yaml"
@@ -168,14 +169,14 @@ class TestBoxCoder:
         internal = torch.tensor(np.column_stack([
             rng.uniform(-50, 50, (n, 2)), rng.uniform(-3, 1, n), rng.uniform(0.3, 10, (n, 3)),
             rng.uniform(-np.pi, np.pi, n), rng.normal(size=(n, 2))]), dtype=torch.float64)
-        official = internal_to_official_torch(internal)
+        official = internal_to_official(internal)
         t = self.coder.encode(official)
         assert torch.allclose(t[:, 2], internal[:, 2] + internal[:, 5] / 2)
         assert torch.allclose(t[:, 3:5].exp(), internal[:, [4, 3]])  # official (w, l) = internal (dy, dx)
         T = t.T[None]
         dec = self.coder.decode(torch.ones(1, 1, n, dtype=torch.float64), T[:, 6:8], T[:, 3:6], T[:, 0:2],
                                 T[:, 2:3], T[:, 8:10])[0]["bboxes"]
-        back = official_to_internal_torch(dec)
+        back = official_to_internal(dec)
         assert torch.allclose(back[:, :6], internal[:, :6], atol=1e-9)
         assert torch.allclose(back[:, 7:], internal[:, 7:], atol=1e-9)
         dyaw = (back[:, 6] - internal[:, 6] + math.pi) % (2 * math.pi) - math.pi
@@ -212,7 +213,7 @@ class TestGaussian:
     def test_heatmap_target_cell_and_radius(self, fusion_head_cfg):
         head = TransFusionHead(**fusion_head_cfg)
         # internal box: centre (10, -20), length dx 4.5 along x, width dy 1.9
-        gt = internal_to_official_torch(torch.tensor([[10.0, -20.0, -1.0, 4.5, 1.9, 1.6, 0.0, 0.0, 0.0]]))
+        gt = internal_to_official(torch.tensor([[10.0, -20.0, -1.0, 4.5, 1.9, 1.6, 0.0, 0.0, 0.0]]))
         heat = head.heatmap_target(gt, torch.tensor([3]), torch.device("cpu"))
         assert heat.shape == (10, 180, 180)
         cx, cy = int((10 + 54) / 0.6), int((-20 + 54) / 0.6)  # 106, 56: row = x, col = y
@@ -227,7 +228,7 @@ def test_circle_nms():
     centres = np.array([[0.0, 0.0], [0.3, 0.0], [1.0, 0.0], [0.2, 0.2]])
     scores = np.array([0.5, 0.9, 0.4, 0.3])
     # squared distance threshold 0.175: 1 suppresses 0 (0.09) and 3 (0.05); 2 is 0.49 away
-    assert circle_nms(centres, scores, 0.175) == [1, 2]
+    assert circle_nms(torch.from_numpy(centres), torch.from_numpy(scores), 0.175).tolist() == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- small head
@@ -376,7 +377,7 @@ def test_loss_values_by_hand():
     gt = torch.tensor([[10.0, -20.0, -1.0, 4.5, 1.9, 1.6, 0.4, 2.0, 0.0],
                        [-15.0, 8.0, -0.8, 0.7, 0.7, 1.8, 0.0, 0.0, 0.5]])
     labels = torch.tensor([0, 8])
-    t = head.bbox_coder.encode(internal_to_official_torch(gt.double())).float()  # (2, 10)
+    t = head.bbox_coder.encode(internal_to_official(gt.double())).float()  # (2, 10)
     far = t[0].clone()
     far[0:2] = torch.tensor([2.0, 2.0])  # about 45 m away from both
     codes = torch.stack([t[0], far, t[1]]).T[None]  # (1, 10, 3)
@@ -397,7 +398,7 @@ def test_loss_values_by_hand():
             bce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
             expected_cls += bce * (0.25 if y else 0.75) * ((1 - p) if y else p) ** 2
     assert losses["layer_-1_loss_cls"].item() == pytest.approx(expected_cls / 2, rel=1e-5)
-    heat_t = head.heatmap_target(internal_to_official_torch(gt), labels, torch.device("cpu")).double()
+    heat_t = head.heatmap_target(internal_to_official(gt), labels, torch.device("cpu")).double()
     p = dense.double().sigmoid().clamp(1e-4, 1 - 1e-4)[0]
     pos = (heat_t == 1).double()
     hm = (-(p + 1e-12).log() * (1 - p) ** 2 * pos - (1 - p + 1e-12).log() * p ** 2 * (1 - heat_t) ** 4).sum()

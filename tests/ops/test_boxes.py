@@ -1,4 +1,5 @@
-"""Box ops: rotated BEV IoU against shapely polygons (random and degenerate pairs), NMS against a
+"""Box ops: rotated BEV IoU and intersection area against shapely polygons (random and degenerate
+pairs), the IoU's union clamp (`min_union`, old mmdet3d's iou_bev) against a float64 loop, NMS against a
 naive greedy loop with shapely IoU, circle NMS against a float32 loop (as mmdet3d's), points-in-boxes
 against a float64 loop, corners against the numpy structures helper, and bad input.
 
@@ -16,7 +17,8 @@ from shapely import affinity  # noqa: E402
 from shapely.geometry import box as shapely_box  # noqa: E402
 
 from bevfusion.ops.boxes import (batched_circle_nms, batched_nms_bev, box_corners_3d, box_corners_bev,  # noqa: E402
-                                 circle_nms, nms_bev, points_in_boxes, points_in_boxes_idx, rotated_iou_bev)
+                                 circle_nms, nms_bev, points_in_boxes, points_in_boxes_idx, rotated_intersection_bev,
+                                 rotated_iou_bev)
 from bevfusion.structures.boxes import box_corners as box_corners_np  # noqa: E402
 
 IMPLS = ["reference", "cpu", "triton"]
@@ -39,6 +41,22 @@ def shapely_iou(a, b):
 def shapely_matrix(a, b):
     return torch.tensor([[shapely_iou(p, q) for q in b.double()] for p in a.double()],
                         dtype=torch.float64).reshape(len(a), len(b))
+
+
+def shapely_inter(a, b):
+    return shapely_poly(a).intersection(shapely_poly(b)).area
+
+
+def shapely_inter_matrix(a, b):
+    return torch.tensor([[shapely_inter(p, q) for q in b.double()] for p in a.double()],
+                        dtype=torch.float64).reshape(len(a), len(b))
+
+
+def clamped_iou(a, b, min_union):
+    """Old mmdet3d's iou_bev in float64: inter / max(area_a + area_b - inter, min_union) (shapely areas)."""
+    inter = shapely_inter(a, b)
+    union = max(float(a[3] * a[4] + b[3] * b[4]) - inter, min_union)
+    return inter / union if union > 0 else 0.0
 
 
 def rand_boxes(n, gen, spread=4.0, dtype=torch.float64):
@@ -156,6 +174,117 @@ class TestRotatedIou:
         h = rotated_iou_bev(a.half(), b.half(), impl=impl)
         assert h.dtype == torch.float16
         torch.testing.assert_close(h.double(), shapely_matrix(a.half(), b.half()), rtol=0, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- intersection area, union clamp
+def area_tol(dtype, scale=1.0):
+    """Absolute tolerance on areas of boxes up to `scale` m across."""
+    return (1e-9 if dtype == torch.float64 else 2e-5) * max(scale, 1.0) ** 2
+
+
+class TestRotatedIntersection:
+    @pytest.mark.parametrize("impl", IMPLS)
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    def test_random_vs_shapely(self, impl, dtype):
+        gen = torch.Generator().manual_seed(30)
+        a, b = rand_boxes(12, gen, spread=2.5, dtype=dtype), rand_boxes(9, gen, spread=2.5, dtype=dtype)
+        expected = shapely_inter_matrix(a, b)
+        assert (expected > 0).float().mean() > 0.2
+        out = rotated_intersection_bev(a, b, impl=impl)
+        assert out.shape == (12, 9) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=area_tol(dtype, 4.0))
+        # the IoU is this area over the union, for every impl
+        area = (a[:, 3] * a[:, 4]).double()[:, None] + (b[:, 3] * b[:, 4]).double()[None]
+        torch.testing.assert_close(rotated_iou_bev(a, b, impl=impl).double(), expected / (area - expected), rtol=0,
+                                   atol=tol(dtype))
+
+    @pytest.mark.parametrize("impl", IMPLS)
+    def test_degenerate_pairs_batched_and_empty(self, impl):
+        a, b = degenerate_pairs()
+        expected = torch.tensor([shapely_inter(p, q) for p, q in zip(a, b)], dtype=torch.float64)
+        assert expected[0] == pytest.approx(8.0) and expected[1] == 0.0  # identical: the whole 4 x 2 box; disjoint
+        out = rotated_intersection_bev(a, b, aligned=True, impl=impl)
+        assert out.shape == (len(a),)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+        torch.testing.assert_close(rotated_intersection_bev(a, b, impl=impl).diagonal(), expected, rtol=0, atol=1e-9)
+        batched = rotated_intersection_bev(a[:14].view(2, 7, 9), b[:12].view(2, 6, 9), impl=impl)
+        assert batched.shape == (2, 7, 6)
+        for k in range(2):
+            torch.testing.assert_close(batched[k], shapely_inter_matrix(a[7 * k:7 * k + 7], b[6 * k:6 * k + 6]),
+                                       rtol=0, atol=1e-9)
+        assert rotated_intersection_bev(a[:0], b, impl=impl).shape == (0, len(b))
+        assert rotated_intersection_bev(a[:0], b[:0], aligned=True, impl=impl).shape == (0,)
+
+    def test_half_precision_triton(self):
+        gen = torch.Generator().manual_seed(31)
+        a, b = rand_boxes(7, gen), rand_boxes(5, gen)
+        h = rotated_intersection_bev(a.half(), b.half(), impl="triton")
+        assert h.dtype == torch.float16
+        torch.testing.assert_close(h.double(), shapely_inter_matrix(a.half(), b.half()), rtol=2e-3, atol=2e-3)
+
+    @pytest.mark.parametrize("impl", ["reference", "cpu"])
+    def test_extreme_sizes(self, impl):
+        """Needles kilometres long and boxes of a few nanometres (what random head weights decode to):
+        areas stay within [0, min(area_a, area_b)] up to float64 rounding at the pair's scale, IoUs within
+        [0, 1]."""
+        gen = torch.Generator().manual_seed(32)
+        b = rand_boxes(40, gen, spread=30.0)
+        b[:, 3:5] *= torch.exp(torch.randn(40, 2, generator=gen) * 8)  # sizes from ~1e-10 to ~1e10 m
+        inter = rotated_intersection_bev(b, b, impl=impl)
+        area = b[:, 3] * b[:, 4]
+        reach = b[:, 3:5].amax(1) + b[:, :2].abs().amax(1)  # coordinates the polygon clipping works with
+        slack = 1e-14 * reach[:, None] * reach[None]  # float64 rounding of areas at that scale
+        assert torch.all(inter >= 0)
+        assert torch.all(inter <= torch.minimum(area[:, None], area[None]) + slack)
+        iou = rotated_iou_bev(b, b, impl=impl)
+        assert torch.all((iou >= 0) & (iou <= 1))
+        assert torch.all(iou.diagonal() == 1.0) if impl == "cpu" else True  # b in a's frame: identical is exact
+        # a 1 km needle through a 1 x 1 box: the intersection is the needle's width times 1 m
+        needle = torch.tensor([[0.0, 0.0, 0.0, 1000.0, 1e-3, 1.0, 0.3, 0.0, 0.0]], dtype=torch.float64)
+        unit = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.3, 0.0, 0.0]], dtype=torch.float64)
+        assert rotated_intersection_bev(needle, unit, impl=impl).item() == pytest.approx(1e-3, rel=1e-9)
+
+    @pytest.mark.parametrize("impl", IMPLS)
+    def test_min_union_vs_loop(self, impl):
+        """IoU with the union clamped at min_union, and NMS with it: tiny identical boxes have IoU < 1."""
+        gen = torch.Generator().manual_seed(33)
+        b = rand_boxes(16, gen, spread=2.0)
+        b[:6, 3:5] = torch.rand(6, 2, generator=gen) * 1e-4 + 1e-5  # areas 1e-10 .. 1e-8 m²
+        b[:6, :2] *= 2e-5  # near the origin (world-frame clipping of the oracles stays exact), overlapping
+        b[6] = b[0]
+        b[7] = b[1]
+        b[7, 6] += 0.3  # same centre, turned
+        for mu in (0.0, 1e-8, 0.5):
+            expected = torch.tensor([[clamped_iou(p, q, mu) for q in b] for p in b], dtype=torch.float64)
+            out = rotated_iou_bev(b, b, impl=impl, min_union=mu)
+            torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
+        tiny = rotated_iou_bev(b[:1], b[6:7], impl=impl, min_union=1e-8).item()
+        assert tiny == pytest.approx(float(b[0, 3] * b[0, 4]) / 1e-8, rel=1e-9) and tiny < 1
+        assert rotated_iou_bev(b[:1], b[6:7], impl=impl).item() == pytest.approx(1.0, abs=1e-12)
+        scores = torch.rand(16, generator=gen)
+        for mu, thr in ((1e-8, 0.05), (0.0, 0.05), (1e-8, 0.5)):
+            order = sorted(range(16), key=lambda i: (-float(scores[i]), i))
+            keep = []
+            for i in order:
+                if all(clamped_iou(b[k], b[i], mu) <= thr for k in keep):
+                    keep.append(i)
+            assert nms_bev(b, scores, thr, impl=impl, min_union=mu).tolist() == keep
+        # the clamp changes the answer here: the tiny duplicate survives only with it
+        with_clamp = set(nms_bev(b, scores, 0.5, impl=impl, min_union=1e-8).tolist())
+        without = set(nms_bev(b, scores, 0.5, impl=impl).tolist())
+        assert with_clamp != without
+
+    def test_min_union_float32_triton_matches_cpu(self):
+        gen = torch.Generator().manual_seed(34)
+        b = rand_boxes(10, gen, spread=2.0)
+        b[:4, 3:5] = torch.rand(4, 2, generator=gen) * 1e-4 + 1e-5
+        b[4] = b[0]
+        cpu = rotated_iou_bev(b, b, impl="cpu", min_union=1e-8)
+        tri = rotated_iou_bev(b.float(), b.float(), impl="triton", min_union=1e-8)
+        assert tri.dtype == torch.float32
+        torch.testing.assert_close(tri.double(), cpu, rtol=1e-4, atol=2e-5)
+        aligned = rotated_iou_bev(b.float(), b.float().flip(0), aligned=True, impl="triton", min_union=1e-8)
+        torch.testing.assert_close(aligned.double(), cpu.flip(1).diagonal(), rtol=1e-4, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- corners
@@ -375,10 +504,17 @@ def test_bad_input(impl):
         points_in_boxes(boxes.numpy(), boxes, impl=impl)
     with pytest.raises(ValueError, match="impl must be one of"):
         nms_bev(boxes, scores, 0.5, impl="gpu")
+    with pytest.raises(ValueError, match="min_union must be >= 0"):
+        nms_bev(boxes, scores, 0.5, impl=impl, min_union=-1e-8)
+    with pytest.raises(ValueError, match="min_union must be >= 0"):
+        rotated_iou_bev(boxes, boxes, impl=impl, min_union=float("nan"))
+    with pytest.raises(ValueError, match="aligned=True needs as many"):
+        rotated_intersection_bev(boxes, boxes[:3], aligned=True, impl=impl)
     neg = boxes.clone()
     neg[2, 4] = -1.0
     for call in (lambda: rotated_iou_bev(boxes, neg, impl=impl), lambda: nms_bev(neg, scores, 0.5, impl=impl),
-                 lambda: points_in_boxes(boxes[:, :3], neg, impl=impl)):
+                 lambda: points_in_boxes(boxes[:, :3], neg, impl=impl),
+                 lambda: rotated_intersection_bev(neg, boxes, impl=impl)):
         with pytest.raises(ValueError, match="negative sizes"):
             call()
     with pytest.raises(ValueError, match="same device|is on"):
@@ -391,6 +527,9 @@ def test_nan_boxes_overlap_nothing(impl):
     boxes[1, 0] = math.nan
     iou = rotated_iou_bev(boxes, boxes, impl=impl)
     assert iou[1].eq(0).all() and iou[:, 1].eq(0).all()
+    inter = rotated_intersection_bev(boxes, boxes, impl=impl)
+    assert inter[1].eq(0).all() and inter[:, 1].eq(0).all()
+    assert rotated_iou_bev(boxes, boxes, impl=impl, min_union=1e-8)[1].eq(0).all()
     assert 1 in nms_bev(boxes, torch.tensor([0.1, 0.9, 0.5, 0.3]), 0.0, impl=impl).tolist()
 
 
@@ -404,8 +543,13 @@ class TestGpu:
         boxes[:, 3:5] *= 2
         scores = torch.rand(1000, generator=gen)
         cpu = rotated_iou_bev(boxes, boxes[:300], impl="cpu")
+        cpu_inter = rotated_intersection_bev(boxes, boxes[:300], impl="cpu")
         for dtype, atol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
             gpu = rotated_iou_bev(boxes.to("cuda", dtype), boxes[:300].to("cuda", dtype))
+            torch.testing.assert_close(gpu.double().cpu(), cpu, rtol=0, atol=atol)
+            gpu = rotated_intersection_bev(boxes.to("cuda", dtype), boxes[:300].to("cuda", dtype))
+            torch.testing.assert_close(gpu.double().cpu(), cpu_inter, rtol=atol, atol=atol * 100)
+            gpu = rotated_iou_bev(boxes.to("cuda", dtype), boxes[:300].to("cuda", dtype), min_union=1e-8)
             torch.testing.assert_close(gpu.double().cpu(), cpu, rtol=0, atol=atol)
         a, b = degenerate_pairs()
         expected = torch.tensor([shapely_iou(p, q) for p, q in zip(a, b)], dtype=torch.float64)
@@ -431,10 +575,12 @@ def test_cpu_without_numba_falls_back_to_reference(monkeypatch):
     boxes, scores = rand_boxes(12, gen, spread=2.0), torch.rand(12, generator=gen)
     pts = torch.randn(50, 3, generator=gen, dtype=torch.float64) * 2
     expected = (rotated_iou_bev(boxes, boxes), nms_bev(boxes, scores, 0.1), circle_nms(boxes, scores, 1.0),
-                points_in_boxes(pts, boxes))
+                points_in_boxes(pts, boxes), rotated_intersection_bev(boxes, boxes))
     monkeypatch.setattr(boxes_mod, "_has_numba", lambda: False)
     got = (rotated_iou_bev(boxes, boxes, impl="cpu"), nms_bev(boxes, scores, 0.1, impl="cpu"),
-           circle_nms(boxes, scores, 1.0, impl="cpu"), points_in_boxes(pts, boxes, impl="cpu"))
+           circle_nms(boxes, scores, 1.0, impl="cpu"), points_in_boxes(pts, boxes, impl="cpu"),
+           rotated_intersection_bev(boxes, boxes, impl="cpu"))
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[4], expected[4], rtol=0, atol=1e-12)
     assert got[1].tolist() == expected[1].tolist() and got[2].tolist() == expected[2].tolist()
     assert torch.equal(got[3], expected[3])

@@ -49,13 +49,14 @@ class BaseTransform(nn.Module):
         feature_size: (fH, fW) of the image features.
         xbound, ybound, zbound: (lower, upper, step) of the BEV grid in metres.
         dbound: (first, end, step) of the depth samples (arange: 1.0, 1.5, ... for [1, 60, 0.5]).
+        downsample: stride of the BEV output convs (1: none; 2: conv, strided conv, conv, each with BN, ReLU).
         fused_lift: pool with the fused lift+pool op, which never materialises the
             (B, N, D, fH, fW, C) frustum features (same result).
     """
 
     def __init__(self, in_channels: int, out_channels: int, image_size: Sequence[int],
                  feature_size: Sequence[int], xbound: Sequence[float], ybound: Sequence[float],
-                 zbound: Sequence[float], dbound: Sequence[float], fused_lift: bool = True):
+                 zbound: Sequence[float], dbound: Sequence[float], downsample: int = 1, fused_lift: bool = True):
         super().__init__()
         self.in_channels, self.C = in_channels, out_channels
         self.image_size, self.feature_size = tuple(image_size), tuple(feature_size)
@@ -68,6 +69,12 @@ class BaseTransform(nn.Module):
         self.frustum = nn.Parameter(self.create_frustum(), requires_grad=False)
         self.D = self.frustum.shape[0]
         self._plan_cache: tuple[torch.Tensor, object] | None = None
+        self.build_depthnet()  # the subclass's layers, registered before `downsample` (the official order)
+        self.downsample = _make_downsample(out_channels, downsample)
+
+    def build_depthnet(self) -> None:
+        """Create the layers that predict depth and features (`depthnet`, ...); see the subclasses."""
+        raise NotImplementedError
 
     def create_frustum(self) -> torch.Tensor:
         """(D, fH, fW, 3) of (u, v, d): pixel samples spread from the first to the last pixel."""
@@ -133,14 +140,8 @@ class LSSTransform(BaseTransform):
     `LSSTransform`; it takes the same arguments as DepthLSSTransform, so the official LSS configs,
     which crash upstream on an extra argument, run here)."""
 
-    def __init__(self, in_channels: int, out_channels: int, image_size: Sequence[int],
-                 feature_size: Sequence[int], xbound: Sequence[float], ybound: Sequence[float],
-                 zbound: Sequence[float], dbound: Sequence[float], downsample: int = 1, fused_lift: bool = True,
-                 type: str | None = None):
-        super().__init__(in_channels, out_channels, image_size, feature_size, xbound, ybound, zbound, dbound,
-                         fused_lift)
-        self.depthnet = nn.Conv2d(in_channels, self.D + self.C, 1)
-        self.downsample = _make_downsample(out_channels, downsample)
+    def build_depthnet(self) -> None:
+        self.depthnet = nn.Conv2d(self.in_channels, self.D + self.C, 1)
 
     def get_cam_feats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, Cin, fH, fW) → depth probabilities (B·N, D, fH, fW), features (B·N, C, fH, fW)."""
@@ -163,12 +164,8 @@ class DepthLSSTransform(BaseTransform):
     the last written, which is not deterministic on GPU), and points behind the camera are dropped.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, image_size: Sequence[int],
-                 feature_size: Sequence[int], xbound: Sequence[float], ybound: Sequence[float],
-                 zbound: Sequence[float], dbound: Sequence[float], downsample: int = 1, fused_lift: bool = True,
-                 type: str | None = None):
-        super().__init__(in_channels, out_channels, image_size, feature_size, xbound, ybound, zbound, dbound,
-                         fused_lift)
+    def build_depthnet(self) -> None:
+        in_channels = self.in_channels
         self.dtransform = nn.Sequential(
             nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8), nn.ReLU(True),
             nn.Conv2d(8, 32, 5, stride=4, padding=2), nn.BatchNorm2d(32), nn.ReLU(True),
@@ -179,7 +176,6 @@ class DepthLSSTransform(BaseTransform):
             nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.BatchNorm2d(in_channels), nn.ReLU(True),
             nn.Conv2d(in_channels, self.D + self.C, 1),
         )
-        self.downsample = _make_downsample(out_channels, downsample)
 
     @_fp32_geometry
     def depth_image(self, points: Sequence[torch.Tensor], lidar2image: torch.Tensor, img_aug_matrix: torch.Tensor,

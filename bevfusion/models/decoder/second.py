@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from bevfusion.models.common import build_norm
+from bevfusion.models.layers import Conv2d, ConvSpec, NormSpec, as_spec
 
 __all__ = ["SECOND"]
 
@@ -31,24 +31,22 @@ class SECOND(nn.Module):
 
     def __init__(self, in_channels: int = 128, out_channels: Sequence[int] = (128, 128, 256),
                  layer_nums: Sequence[int] = (3, 5, 5), layer_strides: Sequence[int] = (2, 2, 2),
-                 norm_cfg: Mapping[str, Any] | None = None, conv_cfg: Mapping[str, Any] | None = None,
-                 init_cfg: Any = None, pretrained: Any = None):
+                 norm_cfg: NormSpec | Mapping[str, Any] | None = None,
+                 conv_cfg: ConvSpec | Mapping[str, Any] | None = None, init_cfg: Any = None, pretrained: Any = None):
         super().__init__()
         if not (len(out_channels) == len(layer_nums) == len(layer_strides)):
             raise ValueError("SECOND: out_channels, layer_nums and layer_strides need the same length")
-        norm_cfg = dict(_BN if norm_cfg is None else norm_cfg)
-        conv_cfg = dict({"type": "Conv2d", "bias": False} if conv_cfg is None else conv_cfg)
-        if conv_cfg.get("type", "Conv2d") not in ("Conv2d", "Conv"):
-            raise ValueError(f"SECOND: conv_cfg type {conv_cfg['type']!r} is not supported (Conv2d)")
-        bias = bool(conv_cfg.get("bias", True))  # mmcv build_conv_layer passes it through; default Conv2d has bias
+        norm = as_spec(norm_cfg, NormSpec, _BN, "norm_cfg")
+        conv = as_spec(conv_cfg, ConvSpec, {"type": "Conv2d", "bias": False}, "conv_cfg")
+        if not isinstance(conv, Conv2d):
+            raise ValueError(f"SECOND: conv_cfg type {conv.type_name!r} is not supported (Conv2d)")
+        # mmcv's build_conv_layer passes the config's bias through; without one, Conv2d has a bias
         in_filters = [in_channels, *out_channels[:-1]]
         blocks = []
         for cin, cout, n, stride in zip(in_filters, out_channels, layer_nums, layer_strides):
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias),
-                                       build_norm(norm_cfg, cout), nn.ReLU(inplace=True)]
+            layers: list[nn.Module] = [conv(cin, cout, 3, stride=stride, padding=1), norm(cout), nn.ReLU(inplace=True)]
             for _ in range(n):
-                layers += [nn.Conv2d(cout, cout, 3, padding=1, bias=bias), build_norm(norm_cfg, cout),
-                           nn.ReLU(inplace=True)]
+                layers += [conv(cout, cout, 3, padding=1), norm(cout), nn.ReLU(inplace=True)]
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
 

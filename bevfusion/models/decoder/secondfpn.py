@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bevfusion.models.common import build_norm
+from bevfusion.models.layers import Conv2d, ConvSpec, NormSpec, as_spec, deconv
 
 __all__ = ["SECONDFPN"]
 
@@ -35,27 +35,30 @@ class SECONDFPN(nn.Module):
     """
 
     def __init__(self, in_channels: Sequence[int] = (128, 128, 256), out_channels: Sequence[int] = (256, 256, 256),
-                 upsample_strides: Sequence[float] = (1, 2, 4), norm_cfg: Mapping[str, Any] | None = None,
-                 upsample_cfg: Mapping[str, Any] | None = None, conv_cfg: Mapping[str, Any] | None = None,
+                 upsample_strides: Sequence[float] = (1, 2, 4), norm_cfg: NormSpec | Mapping[str, Any] | None = None,
+                 upsample_cfg: ConvSpec | Mapping[str, Any] | None = None,
+                 conv_cfg: ConvSpec | Mapping[str, Any] | None = None,
                  use_conv_for_no_stride: bool = False, init_cfg: Any = None):
         super().__init__()
         if not (len(in_channels) == len(out_channels) == len(upsample_strides)):
             raise ValueError("SECONDFPN: in_channels, out_channels and upsample_strides need the same length")
-        norm_cfg = dict(_BN if norm_cfg is None else norm_cfg)
-        upsample_cfg = dict({"type": "deconv", "bias": False} if upsample_cfg is None else upsample_cfg)
-        conv_cfg = dict({"type": "Conv2d", "bias": False} if conv_cfg is None else conv_cfg)
-        if upsample_cfg.get("type", "deconv") not in ("deconv", "ConvTranspose2d"):
-            raise ValueError(f"SECONDFPN: upsample_cfg type {upsample_cfg['type']!r} is not supported (deconv)")
+        norm = as_spec(norm_cfg, NormSpec, _BN, "norm_cfg")
+        upsample = as_spec(upsample_cfg, ConvSpec, {"type": "deconv", "bias": False}, "upsample_cfg")
+        conv = as_spec(conv_cfg, ConvSpec, {"type": "Conv2d", "bias": False}, "conv_cfg")
+        if not isinstance(upsample, deconv):
+            raise ValueError(f"SECONDFPN: upsample_cfg type {upsample.type_name!r} is not supported (deconv)")
+        if not isinstance(conv, Conv2d):
+            raise ValueError(f"SECONDFPN: conv_cfg type {conv.type_name!r} is not supported (Conv2d)")
         self.in_channels, self.out_channels = list(in_channels), list(out_channels)
         deblocks = []
         for cin, cout, stride in zip(in_channels, out_channels, upsample_strides):
             if stride > 1 or (stride == 1 and not use_conv_for_no_stride):
                 k = int(stride)
-                layer: nn.Module = nn.ConvTranspose2d(cin, cout, k, stride=k, bias=bool(upsample_cfg.get("bias", True)))
+                layer: nn.Module = upsample(cin, cout, k, stride=k)
             else:
                 k = int(np.round(1 / stride))
-                layer = nn.Conv2d(cin, cout, k, stride=k, bias=bool(conv_cfg.get("bias", True)))
-            deblocks.append(nn.Sequential(layer, build_norm(norm_cfg, cout), nn.ReLU(inplace=True)))
+                layer = conv(cin, cout, k, stride=k)
+            deblocks.append(nn.Sequential(layer, norm(cout), nn.ReLU(inplace=True)))
         self.deblocks = nn.ModuleList(deblocks)
 
     def forward(self, x: Sequence[torch.Tensor]) -> list[torch.Tensor]:

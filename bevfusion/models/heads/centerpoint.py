@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bevfusion.models.heads.losses import build_loss
 from bevfusion.models.heads.transfusion import ConvBNReLU
-from bevfusion.models.heads.transfusion_utils import (cfg_get, circle_nms, draw_heatmap_gaussian, gaussian_radius,
-                                                      internal_to_official_torch, official_to_internal_torch,
-                                                      rotated_nms)
+from bevfusion.models.heads.settings import CenterHeadTestSettings, CenterHeadTrainSettings, settings_from
+from bevfusion.models.heads.coders import CenterPointBBoxCoder
+from bevfusion.models.heads.targets import draw_heatmap_gaussian, gaussian_radius
+from bevfusion.ops.boxes import circle_nms, nms_bev
+from bevfusion.registry import Partial, built
+from bevfusion.structures.boxes import internal_to_official, official_to_internal
 
 __all__ = ["CenterHead", "SeparateHead", "CenterPointBBoxCoder"]
 
@@ -72,76 +74,6 @@ class SeparateHead(nn.Module):
         return {name: getattr(self, name)(x) for name in self.heads}
 
 
-class CenterPointBBoxCoder:
-    """Decode dense CenterPoint outputs of one task into boxes (official `CenterPointBBoxCoder`).
-
-    Args:
-        pc_range: point-cloud range (x_min, y_min, ...). out_size_factor, voxel_size: cell = osf · voxel.
-        post_center_range: (x0, y0, z0, x1, y1, z1) filter on the decoded (gravity-centre) box centre.
-        max_num: boxes kept per sample and task (top-k over classes × cells).
-        score_threshold: keep scores > threshold when truthy.
-        code_size: 9 (with velocity).
-    """
-
-    def __init__(self, pc_range: Sequence[float], out_size_factor: int, voxel_size: Sequence[float],
-                 post_center_range: Sequence[float] | None = None, max_num: int = 100,
-                 score_threshold: float | None = None, code_size: int = 9):
-        self.pc_range = [float(v) for v in pc_range]
-        self.out_size_factor = out_size_factor
-        self.voxel_size = [float(v) for v in voxel_size]
-        self.post_center_range = None if post_center_range is None else [float(v) for v in post_center_range]
-        self.max_num = max_num
-        self.score_threshold = score_threshold
-        self.code_size = code_size
-
-    @staticmethod
-    def _gather(feat: torch.Tensor, inds: torch.Tensor) -> torch.Tensor:
-        """feat (B, C, X, Y), inds (B, K) into X·Y → (B, K, C)."""
-        flat = feat.flatten(2)  # (B, C, X·Y)
-        return flat.gather(2, inds[:, None, :].expand(-1, flat.shape[1], -1)).permute(0, 2, 1)
-
-    def topk(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """Per-class top-k cells, then the top-k of those: scores, cell index, class, x index, y index."""
-        B, C, X, Y = scores.shape
-        k_cls = min(k, X * Y)
-        cls_scores, cls_inds = torch.topk(scores.reshape(B, C, -1), k_cls)  # (B, C, k_cls)
-        k_all = min(k, C * k_cls)
-        top_scores, top = torch.topk(cls_scores.reshape(B, -1), k_all)
-        classes = torch.div(top, k_cls, rounding_mode="floor")
-        inds = cls_inds.reshape(B, -1).gather(1, top)
-        xs = torch.div(inds, Y, rounding_mode="floor")  # row = x
-        ys = inds % Y
-        return top_scores, inds, classes, xs, ys
-
-    def decode(self, heat: torch.Tensor, rot_sine: torch.Tensor, rot_cosine: torch.Tensor, hei: torch.Tensor,
-               dim: torch.Tensor, vel: torch.Tensor | None, reg: torch.Tensor | None = None,
-               task_id: int = -1) -> list[dict[str, torch.Tensor]]:
-        """Dense maps (B, *, X, Y) → per sample {"bboxes" (K, 9) official with gravity-centre z, "scores",
-        "labels" (task-local class index)}. `dim` is already exp'ed (sizes in metres)."""
-        scores, inds, classes, xs, ys = self.topk(heat, self.max_num)
-        xs, ys = xs.to(heat.dtype)[..., None], ys.to(heat.dtype)[..., None]
-        if reg is not None:
-            r = self._gather(reg, inds)
-            xs, ys = xs + r[..., 0:1], ys + r[..., 1:2]
-        else:
-            xs, ys = xs + 0.5, ys + 0.5
-        rot = torch.atan2(self._gather(rot_sine, inds), self._gather(rot_cosine, inds))
-        xs = xs * self.out_size_factor * self.voxel_size[0] + self.pc_range[0]
-        ys = ys * self.out_size_factor * self.voxel_size[1] + self.pc_range[1]
-        parts = [xs, ys, self._gather(hei, inds), self._gather(dim, inds), rot]
-        if vel is not None:
-            parts.append(self._gather(vel, inds))
-        boxes = torch.cat(parts, dim=2)
-        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        if self.post_center_range is not None:
-            rng = boxes.new_tensor(self.post_center_range)
-            keep &= (boxes[..., :3] >= rng[:3]).all(-1) & (boxes[..., :3] <= rng[3:]).all(-1)
-        if self.score_threshold:
-            keep &= scores > self.score_threshold
-        return [{"bboxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": classes[i][keep[i]]}
-                for i in range(boxes.shape[0])]
-
-
 class CenterHead(nn.Module):
     """CenterPoint head with the official constructor keys (camera-only det config, facts §1.6.3).
 
@@ -179,33 +111,27 @@ class CenterHead(nn.Module):
             raise ValueError("CenterHead: tasks must list the class groups")
         self.class_names = [list(t["class_names"]) if isinstance(t, Mapping) else list(t) for t in tasks]
         self.num_classes = [len(t) for t in self.class_names]
-        self.train_cfg = train_cfg
-        self.test_cfg = test_cfg if test_cfg is not None else {}
+        self.train_cfg = settings_from(CenterHeadTrainSettings, train_cfg, "train_cfg")
+        self.test_cfg = settings_from(CenterHeadTestSettings, test_cfg, "test_cfg") or CenterHeadTestSettings()
         self.norm_bbox = norm_bbox
-        self.loss_cls = build_loss(loss_cls or {"type": "GaussianFocalLoss", "reduction": "mean"},
-                                   "heads.object.loss_cls")
-        self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "reduction": "none", "loss_weight": 0.25},
-                                    "heads.object.loss_bbox")
-        coder = dict(bbox_coder or {}) if not isinstance(bbox_coder, CenterPointBBoxCoder) else None
-        if coder is not None:
-            kind = coder.pop("type", "CenterPointBBoxCoder")
-            if kind != "CenterPointBBoxCoder":
-                raise ValueError(f"heads.object.bbox_coder: unsupported type {kind!r} (expected CenterPointBBoxCoder)")
-            self.bbox_coder = CenterPointBBoxCoder(**coder)
-        else:
-            self.bbox_coder = bbox_coder
+        self.loss_cls = built(loss_cls, "loss_cls", {"type": "GaussianFocalLoss", "reduction": "mean"})
+        self.loss_bbox = built(loss_bbox, "loss_bbox", {"type": "L1Loss", "reduction": "none", "loss_weight": 0.25})
+        if bbox_coder is None:
+            raise ValueError("bbox_coder is required ({type: CenterPointBBoxCoder, pc_range, out_size_factor, "
+                             "voxel_size, ...})")
+        self.bbox_coder = built(bbox_coder, "bbox_coder", kind=CenterPointBBoxCoder)
 
         self.shared_conv = ConvBNReLU(in_channels, share_conv_channel, 3)
-        sep = dict(separate_head or {"type": "SeparateHead", "init_bias": -2.19, "final_kernel": 3})
-        kind = sep.pop("type", "SeparateHead")
-        if kind != "SeparateHead":
-            raise ValueError(f"heads.object.separate_head: unsupported type {kind!r} (expected SeparateHead)")
+        sep = built(separate_head, "separate_head", {"type": "SeparateHead", "init_bias": -2.19, "final_kernel": 3},
+                    kind=Partial)
+        if sep.target is not SeparateHead:
+            raise ValueError(f"separate_head: unsupported type {sep.target.__name__} (expected SeparateHead)")
         common_heads = dict(common_heads or {})
         self.task_heads = nn.ModuleList()
         for num_cls in self.num_classes:
             heads = copy.deepcopy(common_heads)
             heads["heatmap"] = (num_cls, num_heatmap_convs)
-            self.task_heads.append(SeparateHead(share_conv_channel, heads, **{**sep, "num_cls": num_cls}))
+            self.task_heads.append(sep(in_channels=share_conv_channel, heads=heads, num_cls=num_cls))
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -222,11 +148,11 @@ class CenterHead(nn.Module):
         """Per task: heatmap (C_t, X, Y), anno_box (max_objs, 10), ind (max_objs,), mask (max_objs,) for one
         sample of official-layout boxes."""
         cfg = self.train_cfg
-        osf = cfg["out_size_factor"]
-        X, Y = int(cfg["grid_size"][0]) // osf, int(cfg["grid_size"][1]) // osf
-        max_objs = int(cfg["max_objs"]) * int(cfg_get(cfg, "dense_reg", 1))
-        pcr = torch.tensor([float(v) for v in cfg["point_cloud_range"]], dtype=torch.float32)
-        vs = torch.tensor([float(v) for v in cfg["voxel_size"]], dtype=torch.float32)
+        osf = cfg.out_size_factor
+        X, Y = cfg.grid_size[0] // osf, cfg.grid_size[1] // osf
+        max_objs = cfg.max_objs * cfg.dense_reg
+        pcr = torch.tensor(cfg.point_cloud_range, dtype=torch.float32)
+        vs = torch.tensor(cfg.voxel_size, dtype=torch.float32)
         boxes = gt_boxes.detach().float().cpu()
         if boxes.shape[1] < 9:
             boxes = torch.nn.functional.pad(boxes, (0, 9 - boxes.shape[1]))
@@ -247,8 +173,8 @@ class CenterHead(nn.Module):
                 width, length = b[3] / vs[0] / osf, b[4] / vs[1] / osf
                 if not (width > 0 and length > 0):
                     continue
-                radius = gaussian_radius((float(length), float(width)), min_overlap=cfg["gaussian_overlap"])
-                radius = max(int(cfg["min_radius"]), int(radius))
+                radius = gaussian_radius((float(length), float(width)), min_overlap=cfg.gaussian_overlap)
+                radius = max(cfg.min_radius, int(radius))
                 center = torch.stack([(b[0] - pcr[0]) / vs[0] / osf, (b[1] - pcr[1]) / vs[1] / osf])
                 cint = center.to(torch.int32)
                 cx, cy = int(cint[0]), int(cint[1])
@@ -277,9 +203,9 @@ class CenterHead(nn.Module):
         for boxes, labels in zip(gt_bboxes_3d, gt_labels_3d):
             boxes = torch.as_tensor(boxes).float()
             boxes = boxes.reshape(-1, boxes.shape[-1] if boxes.numel() else 9)
-            official = internal_to_official_torch(boxes) if len(boxes) else boxes
+            official = internal_to_official(boxes) if len(boxes) else boxes
             per_sample.append(self.get_targets_single(official, torch.as_tensor(labels).reshape(-1)))
-        code_weights = cfg_get(self.train_cfg, "code_weights")
+        code_weights = self.train_cfg.code_weights
         losses: dict[str, torch.Tensor] = {}
         for t, pred in enumerate(preds):
             heatmap = torch.stack([s[0][t] for s in per_sample]).to(device)
@@ -306,9 +232,8 @@ class CenterHead(nn.Module):
         """Per sample (boxes (K, 9) internal convention, scores (K,), labels (K,) long in the global order)."""
         cfg = self.test_cfg
         num_tasks = len(preds)
-        nms_types = cfg.get("nms_type", "rotate") if hasattr(cfg, "get") else "rotate"
-        nms_types = list(nms_types) if isinstance(nms_types, (list, tuple)) else [nms_types] * num_tasks
-        scales = cfg_get(cfg, "nms_scale")
+        nms_types = list(cfg.nms_type) if isinstance(cfg.nms_type, tuple) else [cfg.nms_type] * num_tasks
+        scales = cfg.nms_scale
         if scales is None:
             scales = [[1.0] * n for n in self.num_classes]
         elif not isinstance(scales, (list, tuple)):
@@ -323,9 +248,7 @@ class CenterHead(nn.Module):
             results = []
             for d in decoded:
                 if nms_types[t] == "circle":
-                    keep = circle_nms(d["bboxes"][:, :2].cpu().numpy(), d["scores"].cpu().numpy(),
-                                      float(cfg["min_radius"][t]), post_max_size=int(cfg["post_max_size"]))
-                    keep = torch.as_tensor(keep, dtype=torch.long, device=d["bboxes"].device)
+                    keep = circle_nms(d["bboxes"][:, :2], d["scores"], cfg.min_radius[t], post_max=cfg.post_max_size)
                     results.append({k: v[keep] for k, v in d.items()})
                 else:
                     results.append(self._task_nms(d, scales[t]))
@@ -340,7 +263,7 @@ class CenterHead(nn.Module):
             boxes[:, 2] = boxes[:, 2] - boxes[:, 5] * 0.5  # gravity centre → official z (= our centre)
             if boxes.shape[1] == 7:
                 boxes = torch.nn.functional.pad(boxes, (0, 2))
-            out.append((official_to_internal_torch(boxes.float()), scores.float(), labels))
+            out.append((official_to_internal(boxes.float()), scores.float(), labels))
         return out
 
     def _task_nms(self, d: Mapping[str, torch.Tensor], scale: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -348,18 +271,19 @@ class CenterHead(nn.Module):
         `get_task_detections`)."""
         cfg = self.test_cfg
         boxes, scores, labels = d["bboxes"], d["scores"], d["labels"].long()
-        thr = float(cfg_get(cfg, "score_threshold", 0.0) or 0.0)
+        thr = cfg.score_threshold
         if thr > 0:
             keep = scores >= thr
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if len(scores):
-            bev = official_to_internal_torch(boxes[:, :7].double())
+            bev = official_to_internal(boxes[:, :7].double())
             for c, s in enumerate(scale):
                 bev[labels == c, 3:5] *= float(s)
-            sel = rotated_nms(bev, scores, float(cfg["nms_thr"]), cfg_get(cfg, "pre_max_size"),
-                              cfg_get(cfg, "post_max_size"))
+            # float64 IoU, union clamped at 1e-8 m² as mmdet3d's nms_gpu (iou_bev) does
+            sel = nms_bev(bev, scores, cfg.nms_thr, pre_max=cfg.pre_max_size, post_max=cfg.post_max_size,
+                          min_union=1e-8)
             boxes, scores, labels = boxes[sel], scores[sel], labels[sel]
-        rng = cfg_get(cfg, "post_center_limit_range")
+        rng = cfg.post_center_limit_range
         if rng is not None and len(rng) and len(boxes):
             r = boxes.new_tensor([float(v) for v in rng])
             keep = (boxes[:, :3] >= r[:3]).all(1) & (boxes[:, :3] <= r[3:]).all(1)

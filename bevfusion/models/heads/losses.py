@@ -8,13 +8,11 @@ and finally multiplied by `loss_weight`. `reduction_override` replaces the confi
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FocalLoss", "GaussianFocalLoss", "L1Loss", "weight_reduce_loss", "build_loss", "LOSSES"]
+__all__ = ["FocalLoss", "GaussianFocalLoss", "L1Loss", "weight_reduce_loss"]
 
 
 def weight_reduce_loss(loss: torch.Tensor, weight: torch.Tensor | None = None, reduction: str = "mean",
@@ -119,20 +117,3 @@ class L1Loss(nn.Module):
             return pred.sum() * 0
         loss = (pred - target).abs()
         return self.loss_weight * weight_reduce_loss(loss, weight, reduction, avg_factor)
-
-
-LOSSES = {"FocalLoss": FocalLoss, "GaussianFocalLoss": GaussianFocalLoss, "L1Loss": L1Loss}
-
-
-def build_loss(cfg: Mapping[str, Any] | nn.Module | None, path: str = "loss") -> nn.Module | None:
-    """Build a loss from `{type: FocalLoss | GaussianFocalLoss | L1Loss, ...}` (a module passes through)."""
-    if cfg is None or isinstance(cfg, nn.Module):
-        return cfg
-    kwargs = dict(cfg)
-    name = kwargs.pop("type", None)
-    if name not in LOSSES:
-        raise ValueError(f"{path}: unknown loss type {name!r} (expected one of {', '.join(LOSSES)})")
-    try:
-        return LOSSES[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{path}: {err}") from None

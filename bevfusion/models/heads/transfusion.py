@@ -39,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bevfusion.models.heads.losses import build_loss
-from bevfusion.models.heads.transfusion_utils import (HungarianAssigner3D, TransFusionBBoxCoder, cfg_get, circle_nms,
-                                                      draw_heatmap_gaussian, gaussian_radius,
-                                                      internal_to_official_torch, official_to_internal_torch,
-                                                      rotated_nms)
+from bevfusion.models.heads.settings import TransFusionTestSettings, TransFusionTrainSettings, settings_from
+from bevfusion.models.heads.assigners import HungarianAssigner3D
+from bevfusion.models.heads.coders import TransFusionBBoxCoder
+from bevfusion.models.heads.targets import draw_heatmap_gaussian, gaussian_radius
+from bevfusion.ops.boxes import circle_nms, nms_bev
+from bevfusion.registry import built
+from bevfusion.structures.boxes import internal_to_official, official_to_internal
 
 __all__ = ["TransFusionHead", "TransformerDecoderLayer", "PositionEmbeddingLearned", "FFN", "ConvBNReLU",
            "local_max_suppression", "select_queries"]
@@ -195,13 +197,13 @@ class TransFusionHead(nn.Module):
         common_heads: {name: (channels, num_conv)} regression outputs, in order (center, height, dim, rot,
             vel); `heatmap` (num_classes, num_heatmap_convs) is appended.
         num_heatmap_convs: convs of the class-logit branch (2).
-        bbox_coder: {type: TransFusionBBoxCoder, ...}.
-        loss_cls, loss_bbox, loss_heatmap: {type: FocalLoss | L1Loss | GaussianFocalLoss, ...}.
+        bbox_coder: a `TransFusionBBoxCoder` (or its {type: TransFusionBBoxCoder, ...} config); required.
+        loss_cls, loss_bbox, loss_heatmap: loss modules (or their configs; default the official ones).
         loss_iou: accepted for config compatibility; unused (as upstream).
-        train_cfg: point_cloud_range, grid_size, voxel_size, out_size_factor, gaussian_overlap, min_radius,
-            pos_weight, code_weights, assigner {type: HungarianAssigner3D, ...}.
-        test_cfg: dataset ("nuScenes" skips proposal NMS on classes 8 and 9), grid_size, out_size_factor,
-            nms_type (None or "circle"), pc_range, voxel_size.
+        train_cfg: `TransFusionTrainSettings` or its mapping (point_cloud_range, grid_size, voxel_size,
+            out_size_factor, gaussian_overlap, min_radius, pos_weight, code_weights, assigner); None: no training.
+        test_cfg: `TransFusionTestSettings` or its mapping (dataset: "nuScenes" skips proposal NMS on classes 8
+            and 9; grid_size, out_size_factor, nms_type (None, "circle" or "rotate"), pc_range, voxel_size).
         conv_cfg, norm_cfg, bias, initialize_last_layer: accepted so official configs load, and ignored:
             the official choices (Conv1d/BN1d FFN, conv biases as listed in facts §2.4) are built in.
     """
@@ -212,8 +214,9 @@ class TransFusionHead(nn.Module):
                  activation: str = "relu", common_heads: Mapping[str, Sequence[int]] | None = None,
                  num_heatmap_convs: int = 2, conv_cfg: Any = None, norm_cfg: Any = None, bias: str = "auto",
                  loss_cls: Any = None, loss_iou: Any = None, loss_bbox: Any = None, loss_heatmap: Any = None,
-                 train_cfg: Mapping[str, Any] | None = None, test_cfg: Mapping[str, Any] | None = None,
-                 bbox_coder: Mapping[str, Any] | TransFusionBBoxCoder | None = None,
+                 train_cfg: TransFusionTrainSettings | Mapping[str, Any] | None = None,
+                 test_cfg: TransFusionTestSettings | Mapping[str, Any] | None = None,
+                 bbox_coder: TransFusionBBoxCoder | Mapping[str, Any] | None = None,
                  initialize_last_layer: bool = False):
         super().__init__()
         if in_channels is None:
@@ -226,18 +229,15 @@ class TransFusionHead(nn.Module):
         self.num_decoder_layers = num_decoder_layers
         self.bn_momentum = bn_momentum
         self.nms_kernel_size = nms_kernel_size
-        self.train_cfg = train_cfg
-        self.test_cfg = test_cfg if test_cfg is not None else {}
+        self.train_cfg = settings_from(TransFusionTrainSettings, train_cfg, "train_cfg")
+        self.test_cfg = settings_from(TransFusionTestSettings, test_cfg, "test_cfg") or TransFusionTestSettings()
         common_heads = dict(common_heads or {"center": (2, 2), "height": (1, 2), "dim": (3, 2), "rot": (2, 2),
                                              "vel": (2, 2)})
 
-        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
-                                                "alpha": 0.25, "reduction": "mean", "loss_weight": 1.0},
-                                   "heads.object.loss_cls")
-        self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "reduction": "mean", "loss_weight": 0.25},
-                                    "heads.object.loss_bbox")
-        self.loss_heatmap = build_loss(loss_heatmap or {"type": "GaussianFocalLoss", "reduction": "mean"},
-                                       "heads.object.loss_heatmap")
+        self.loss_cls = built(loss_cls, "loss_cls", {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
+                                                     "alpha": 0.25, "reduction": "mean", "loss_weight": 1.0})
+        self.loss_bbox = built(loss_bbox, "loss_bbox", {"type": "L1Loss", "reduction": "mean", "loss_weight": 0.25})
+        self.loss_heatmap = built(loss_heatmap, "loss_heatmap", {"type": "GaussianFocalLoss", "reduction": "mean"})
         self.loss_iou_cfg = loss_iou  # constructed but unused upstream
 
         # A raw Conv2d with bias="auto" upstream: the bias exists.
@@ -259,19 +259,19 @@ class TransFusionHead(nn.Module):
             self.prediction_heads.append(FFN(hidden_channel, heads))
         self.init_weights()
 
-        self.bbox_coder = _build_coder(bbox_coder)
+        if bbox_coder is None:
+            raise ValueError("bbox_coder is required ({type: TransFusionBBoxCoder, pc_range, out_size_factor, "
+                             "voxel_size, ...})")
+        self.bbox_coder = built(bbox_coder, "bbox_coder", kind=TransFusionBBoxCoder)
         self.bbox_assigner = None
-        if train_cfg is not None:
-            assigner = dict(cfg_get(train_cfg, "assigner", {}) or {})
-            kind = assigner.pop("type", "HungarianAssigner3D")
-            if kind != "HungarianAssigner3D":
-                raise ValueError(f"heads.object.train_cfg.assigner: unsupported type {kind!r} "
-                                 "(expected HungarianAssigner3D)")
-            self.bbox_assigner = HungarianAssigner3D(**assigner)
+        if self.train_cfg is not None:
+            self.bbox_assigner = built(self.train_cfg.assigner, "train_cfg.assigner", {"type": "HungarianAssigner3D"},
+                                       kind=HungarianAssigner3D)
 
         # Query / key positions: cell centres of the x-major BEV grid (a plain attribute, not saved).
-        grid = cfg_get(self.test_cfg, "grid_size") or cfg_get(train_cfg, "grid_size")
-        osf = cfg_get(self.test_cfg, "out_size_factor") or cfg_get(train_cfg, "out_size_factor") or 8
+        train = self.train_cfg
+        grid = self.test_cfg.grid_size or (train.grid_size if train is not None else None)
+        osf = self.test_cfg.out_size_factor or (train.out_size_factor if train is not None else None) or 8
         self.bev_pos = self.create_2D_grid(int(grid[0]) // osf, int(grid[1]) // osf) if grid is not None else None
 
     # ------------------------------------------------------------------ setup
@@ -292,7 +292,7 @@ class TransFusionHead(nn.Module):
                 m.momentum = self.bn_momentum
 
     def _skip_nms_classes(self) -> tuple[int, ...]:
-        dataset = cfg_get(self.test_cfg, "dataset", "nuScenes")
+        dataset = self.test_cfg.dataset
         # Hard-coded class indices as upstream: pedestrian (8) and traffic_cone (9) in nuScenes order,
         # pedestrian (1) and cyclist (2) for Waymo. Another class order breaks this, as it does upstream.
         return {"nuScenes": (8, 9), "Waymo": (1, 2)}.get(dataset, ())
@@ -368,7 +368,8 @@ class TransFusionHead(nn.Module):
         n = self.num_proposals
         for layer in range(P // n):
             sl = slice(layer * n, (layer + 1) * n)
-            res = self.bbox_assigner.assign(boxes[sl], gt_boxes, gt_labels, score[0, :, sl].T, self.train_cfg)
+            res = self.bbox_assigner.assign(boxes[sl], gt_boxes, gt_labels, score[0, :, sl].T,
+                                            self.train_cfg.point_cloud_range)
             gt_inds[sl], overlaps[sl] = res.gt_inds, res.max_overlaps
         pos = torch.nonzero(gt_inds > 0, as_tuple=False).flatten()
         code_size = self.bbox_coder.code_size
@@ -384,7 +385,7 @@ class TransFusionHead(nn.Module):
             bbox_targets[pos] = self.bbox_coder.encode(gt_for_code)
             bbox_weights[pos] = 1.0
             labels[pos] = gt_labels[matched]
-            pos_weight = float(cfg_get(self.train_cfg, "pos_weight", -1))
+            pos_weight = self.train_cfg.pos_weight
             if pos_weight > 0:
                 label_weights[pos] = pos_weight
         ious = overlaps.clamp(0.0, 1.0)
@@ -396,11 +397,11 @@ class TransFusionHead(nn.Module):
     def heatmap_target(self, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(num_classes, X, Y) Gaussian heatmap target from official-layout boxes (facts §4.3)."""
         cfg = self.train_cfg
-        osf = cfg["out_size_factor"]
-        grid = [int(v) for v in cfg["grid_size"][:2]]
+        osf = cfg.out_size_factor
+        grid = [int(v) for v in cfg.grid_size[:2]]
         X, Y = grid[0] // osf, grid[1] // osf
-        pcr = torch.tensor([float(v) for v in cfg["point_cloud_range"]], dtype=torch.float32)
-        vs = torch.tensor([float(v) for v in cfg["voxel_size"]], dtype=torch.float32)
+        pcr = torch.tensor(cfg.point_cloud_range, dtype=torch.float32)
+        vs = torch.tensor(cfg.voxel_size, dtype=torch.float32)
         heatmap = torch.zeros(self.num_classes, X, Y, dtype=torch.float32)
         boxes = gt_boxes.detach().float().cpu()
         for idx in range(len(boxes)):
@@ -409,8 +410,8 @@ class TransFusionHead(nn.Module):
             length = boxes[idx, 4] / vs[1] / osf
             if not (width > 0 and length > 0):
                 continue
-            radius = gaussian_radius((float(length), float(width)), min_overlap=cfg["gaussian_overlap"])
-            radius = max(int(cfg["min_radius"]), int(radius))
+            radius = gaussian_radius((float(length), float(width)), min_overlap=cfg.gaussian_overlap)
+            radius = max(cfg.min_radius, int(radius))
             coor_x = (boxes[idx, 0] - pcr[0]) / vs[0] / osf
             coor_y = (boxes[idx, 1] - pcr[1]) / vs[1] / osf
             cx, cy = int(coor_x.to(torch.int32)), int(coor_y.to(torch.int32))  # truncation toward zero
@@ -440,7 +441,7 @@ class TransFusionHead(nn.Module):
             boxes = boxes.reshape(-1, boxes.shape[-1] if boxes.numel() else 9).float()
             keep = (labels >= 0) & (labels < self.num_classes)
             boxes, labels = boxes[keep.to(boxes.device)], labels[keep]
-            official = internal_to_official_torch(boxes) if len(boxes) else boxes
+            official = internal_to_official(boxes) if len(boxes) else boxes
             sample_preds = {k: v[b:b + 1] for k, v in preds.items() if k in ("center", "height", "dim", "rot",
                                                                             "vel", "heatmap")}
             per_sample.append(self.get_targets_single(official, labels, sample_preds))
@@ -457,7 +458,7 @@ class TransFusionHead(nn.Module):
         dense = preds["dense_heatmap"].float().sigmoid().clamp(1e-4, 1 - 1e-4)
         losses["loss_heatmap"] = self.loss_heatmap(dense, heatmap, avg_factor=max(float(heatmap.eq(1).sum()), 1.0))
 
-        code_weights = cfg_get(self.train_cfg, "code_weights")
+        code_weights = self.train_cfg.code_weights
         n = self.num_proposals
         num_layers = preds["center"].shape[-1] // n
         keys = ["center", "height", "dim", "rot"] + (["vel"] if "vel" in preds else [])
@@ -495,7 +496,7 @@ class TransFusionHead(nn.Module):
         vel = preds["vel"][..., -n:] if "vel" in preds else None
         decoded = self.bbox_coder.decode(score, preds["rot"][..., -n:], preds["dim"][..., -n:],
                                          preds["center"][..., -n:], preds["height"][..., -n:], vel, filter=True)
-        nms_type = cfg_get(self.test_cfg, "nms_type")
+        nms_type = self.test_cfg.nms_type
         out = []
         for d in decoded:
             boxes, scores, labels = d["bboxes"], d["scores"], d["labels"]
@@ -504,7 +505,7 @@ class TransFusionHead(nn.Module):
                 boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             if boxes.shape[1] == 7:
                 boxes = F.pad(boxes, (0, 2))
-            out.append((official_to_internal_torch(boxes.float()), scores.float(), labels.long()))
+            out.append((official_to_internal(boxes.float()), scores.float(), labels.long()))
         return out
 
     def _class_nms(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, nms_type: str
@@ -513,7 +514,7 @@ class TransFusionHead(nn.Module):
         traffic_cone (9) each with radius 0.175 — circle NMS on squared centre distance, or ("rotate" or any
         other value) rotated BEV NMS with that IoU threshold and test_cfg pre_maxsize / post_maxsize."""
         keep = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-        dataset = cfg_get(self.test_cfg, "dataset", "nuScenes")
+        dataset = self.test_cfg.dataset
         if dataset == "nuScenes":
             groups = [(list(range(8)), -1.0), ([8], 0.175), ([9], 0.175)]
         elif dataset == "Waymo":
@@ -529,22 +530,13 @@ class TransFusionHead(nn.Module):
                 keep[idx] = True
                 continue
             if nms_type == "circle":
-                kept = torch.as_tensor(circle_nms(boxes[idx, :2].cpu().numpy(), scores[idx].cpu().numpy(), radius),
-                                       dtype=torch.long, device=boxes.device)
+                # upstream calls mmdet3d's circle_nms with its default post_max_size=83
+                kept = circle_nms(boxes[idx, :2], scores[idx], radius, post_max=83)
             else:
-                kept = rotated_nms(official_to_internal_torch(boxes[idx, :7]), scores[idx], radius,
-                                   cfg_get(self.test_cfg, "pre_maxsize"), cfg_get(self.test_cfg, "post_maxsize"))
+                # float64 IoU (the same decisions on CPU and GPU), union clamped at 1e-8 m² as nms_gpu's
+                kept = nms_bev(official_to_internal(boxes[idx, :7]).double(), scores[idx], radius,
+                               pre_max=self.test_cfg.pre_maxsize, post_max=self.test_cfg.post_maxsize,
+                               min_union=1e-8)
             keep[idx[kept]] = True
         return torch.nonzero(keep, as_tuple=False).flatten()
 
-
-def _build_coder(cfg: Any) -> TransFusionBBoxCoder:
-    if isinstance(cfg, TransFusionBBoxCoder):
-        return cfg
-    kwargs = dict(cfg or {})
-    kind = kwargs.pop("type", "TransFusionBBoxCoder")
-    if kind != "TransFusionBBoxCoder":
-        raise ValueError(f"heads.object.bbox_coder: unsupported type {kind!r} (expected TransFusionBBoxCoder)")
-    if "pc_range" not in kwargs:
-        raise ValueError("heads.object.bbox_coder: pc_range, out_size_factor and voxel_size are required")
-    return TransFusionBBoxCoder(**kwargs)

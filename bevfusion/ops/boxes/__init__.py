@@ -1,4 +1,5 @@
-"""Box ops on (M, 7+) 3D boxes: corners, rotated BEV IoU, NMS, circle NMS, points-in-boxes.
+"""Box ops on (M, 7+) 3D boxes: corners, rotated BEV IoU and intersection area, NMS, circle NMS,
+points-in-boxes.
 
 Box convention (internal, LiDAR frame; `bevfusion.structures.boxes`): columns (x, y, z, dx, dy, dz,
 yaw, ...) with (x, y, z) the **geometric centre**, dx the size along the heading, dy across it, dz the
@@ -10,8 +11,11 @@ ignored. The official old-mmdet3d boxes differ ((w, l, h), yaw_mm = -yaw - pi/2,
   front-left corner; bottom face then top face. Plain torch, differentiable.
 * `rotated_iou_bev(a, b, aligned=False)`: exact IoU of the rotated BEV rectangles (convex polygon
   intersection) → (M, K), or (M,) for aligned pairs; leading batch dims broadcast as (B, M, K).
-* `nms_bev(boxes, scores, iou_threshold, pre_max, post_max)`: greedy NMS with rotated BEV IoU
-  (suppress when IoU > threshold, as mmdet3d's nms_gpu); kept indices by decreasing score.
+* `rotated_intersection_bev(a, b, aligned=False)`: the same polygon intersection's area in m² (the BEV
+  part of a 3D IoU, e.g. the TransFusion assigner's official [z, z + h] IoU).
+* `nms_bev(boxes, scores, iou_threshold, pre_max, post_max, min_union=0)`: greedy NMS with rotated BEV IoU
+  (suppress when IoU > threshold, as mmdet3d's nms_gpu; `min_union=1e-8` also clamps the union as its
+  `iou_bev` does); kept indices by decreasing score.
 * `circle_nms(centers, scores, dist_threshold, post_max)`: CenterPoint's circle NMS (suppress when the
   **squared** centre distance <= dist_threshold: CenterHead's `min_radius` values [4, 12, 10, 1,
   0.85, 0.175] are compared with squared metres, as in mmdet3d's `circle_nms`).
@@ -36,10 +40,11 @@ import torch
 from bevfusion.ops._dispatch import has_numba, resolve_impl
 
 from .reference import (box_corners_3d, box_corners_bev, circle_nms_reference, descending_order,
-                        nms_bev_reference, points_in_boxes_reference, rotated_iou_bev_reference)
+                        nms_bev_reference, points_in_boxes_reference, rotated_intersection_bev_reference,
+                        rotated_iou_bev_reference)
 
-__all__ = ["box_corners_bev", "box_corners_3d", "rotated_iou_bev", "nms_bev", "circle_nms", "points_in_boxes",
-           "points_in_boxes_idx", "batched_nms_bev", "batched_circle_nms", "IMPLS"]
+__all__ = ["box_corners_bev", "box_corners_3d", "rotated_iou_bev", "rotated_intersection_bev", "nms_bev",
+           "circle_nms", "points_in_boxes", "points_in_boxes_idx", "batched_nms_bev", "batched_circle_nms", "IMPLS"]
 
 IMPLS = ("auto", "reference", "cpu", "triton")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,33 +95,69 @@ def _resolve_impl(op: str, impl: str, device: torch.device) -> str:
     return resolve_impl(op, impl, device, IMPLS)
 
 
-def _iou_2d(a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str) -> torch.Tensor:
+def _iou_2d(a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str, area: bool = False,
+            min_union: float = 0.0) -> torch.Tensor:
+    """IoU (or with area=True the intersection area) of (M, 7+) and (K, 7+) boxes on one impl."""
     if impl == "triton":
         from . import triton as triton_impl
 
         if a.is_cuda and a.dtype not in triton_impl.IOU_GPU_DTYPES:
             # float64 boxes on a GPU: the CPU path in float64 (see IOU_GPU_DTYPES), result back on the GPU
-            return _iou_2d(a.cpu(), b.cpu(), aligned, "cpu").to(a.device)
-        return triton_impl.rotated_iou_bev(a, b, aligned)
+            return _iou_2d(a.cpu(), b.cpu(), aligned, "cpu", area, min_union).to(a.device)
+        return triton_impl.rotated_iou_bev(a, b, aligned, area, min_union)
     if impl == "cpu" and _has_numba():
         from . import cpu
 
-        return cpu.rotated_iou_bev(a, b, aligned)
-    return rotated_iou_bev_reference(a, b, aligned)
+        return cpu.rotated_iou_bev(a, b, aligned, area, min_union)
+    if area:
+        return rotated_intersection_bev_reference(a, b, aligned)
+    return rotated_iou_bev_reference(a, b, aligned, min_union)
+
+
+def _check_min_union(op: str, v) -> float:
+    v = float(v)
+    if not v >= 0:
+        raise ValueError(f"{op}: min_union must be >= 0 (square metres), got {v}")
+    return v
 
 
 # ----------------------------------------------------------------------------- public API
-def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool = False, impl: str = "auto") -> torch.Tensor:
+def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool = False, impl: str = "auto",
+                    min_union: float = 0.0) -> torch.Tensor:
     """Exact BEV IoU of rotated boxes.
 
     Args:
         a: (M, 7+) or (B, M, 7+) boxes (internal convention); b: (K, 7+) or (B, K, 7+), same device.
             Reads x, y, dx, dy, yaw. Zero-area pairs give 0.
         aligned: pair a[i] with b[i] (M == K) instead of all pairs.
+        min_union: IoU = intersection / max(union, min_union) (m²). 0 (default): the plain IoU. Old mmdet3d's
+            `iou_bev` (its nms_gpu, CenterHead's rotated NMS) uses 1e-8, so two boxes smaller than that
+            have an IoU below 1 even when identical.
     Returns:
         (M, K) (or (B, M, K); (M,) / (B, M) if aligned) in a's dtype, values in [0, 1].
     """
-    op = "rotated_iou_bev"
+    return _pairwise("rotated_iou_bev", a, b, aligned, impl, area=False,
+                     min_union=_check_min_union("rotated_iou_bev", min_union))
+
+
+def rotated_intersection_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool = False,
+                             impl: str = "auto") -> torch.Tensor:
+    """Exact area of the intersection of rotated BEV rectangles (the polygon `rotated_iou_bev` measures).
+
+    Args:
+        a: (M, 7+) or (B, M, 7+) boxes (internal convention); b: (K, 7+) or (B, K, 7+), same device.
+            Reads x, y, dx, dy, yaw.
+        aligned: pair a[i] with b[i] (M == K) instead of all pairs.
+    Returns:
+        (M, K) (or (B, M, K); (M,) / (B, M) if aligned) in a's dtype, square metres, >= 0; 0 for disjoint,
+        touching or zero-area pairs. "reference" and "cpu" compute in float64, "triton" in float32 for
+        float32/16 boxes (float64 boxes on a GPU take the CPU path).
+    """
+    return _pairwise("rotated_intersection_bev", a, b, aligned, impl, area=True)
+
+
+def _pairwise(op: str, a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str, area: bool,
+              min_union: float = 0.0) -> torch.Tensor:
     _check_float(op, "a", a, (2, 3), 7)
     _check_float(op, "b", b, (2, 3), 7)
     if a.dim() != b.dim() or (a.dim() == 3 and a.shape[0] != b.shape[0]):
@@ -130,14 +171,14 @@ def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool = False, imp
         raise ValueError(f"{op}: aligned=True needs as many boxes in a as in b, got {a.shape[-2]} and {b.shape[-2]}")
     impl = _resolve_impl(op, impl, a.device)
     if a.dim() == 3:
-        outs = [_iou_2d(x, y, aligned, impl) for x, y in zip(a, b)]
+        outs = [_iou_2d(x, y, aligned, impl, area, min_union) for x, y in zip(a, b)]
         shape = (a.shape[0], a.shape[1]) if aligned else (a.shape[0], a.shape[1], b.shape[1])
         return torch.stack(outs) if outs else a.new_zeros(shape)
-    return _iou_2d(a, b, aligned, impl).to(a.device)
+    return _iou_2d(a, b, aligned, impl, area, min_union).to(a.device)
 
 
 def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre_max: Optional[int] = None,
-            post_max: Optional[int] = None, impl: str = "auto") -> torch.Tensor:
+            post_max: Optional[int] = None, impl: str = "auto", min_union: float = 0.0) -> torch.Tensor:
     """Greedy NMS with rotated BEV IoU.
 
     Boxes are visited by decreasing score (ties: lower index first); only the `pre_max` best are
@@ -146,6 +187,8 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
 
     Args:
         boxes: (N, 7+) internal convention; scores: (N,) on the same device.
+        min_union: the IoU's union is clamped to at least this (m², see `rotated_iou_bev`); old mmdet3d's
+            nms_gpu uses 1e-8.
     Returns:
         (K,) int64 indices into boxes, by decreasing score, on the boxes' device.
     """
@@ -156,9 +199,10 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
     pre_max = _check_max(op, "pre_max", pre_max)
     post_max = _check_max(op, "post_max", post_max)
     thr = float(iou_threshold)
+    min_union = _check_min_union(op, min_union)
     impl = _resolve_impl(op, impl, boxes.device)
     if impl == "reference":
-        return nms_bev_reference(boxes, scores, thr, pre_max, post_max)
+        return nms_bev_reference(boxes, scores, thr, pre_max, post_max, min_union)
     order = descending_order(scores)[:pre_max]
     n_post = len(order) if post_max is None else post_max
     if len(order) == 0 or n_post == 0:
@@ -166,15 +210,20 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
     cand = boxes.detach()[order]
     from . import cpu
 
+    host_f64 = False
     if impl == "triton":
         from . import triton as triton_impl
 
-        over = _iou_2d(cand, cand, False, impl) > thr
+        # float64 boxes on a GPU get their IoUs from the CPU path anyway (IOU_GPU_DTYPES): there, the lazy
+        # greedy pass below computes only the pairs it needs, with the same float64 IoU and decisions
+        host_f64 = cand.is_cuda and cand.dtype not in triton_impl.IOU_GPU_DTYPES and _has_numba()
+    if impl == "triton" and not host_f64:
+        over = _iou_2d(cand, cand, False, impl, min_union=min_union) > thr
         pos = cpu.greedy_from_mask(over, n_post)
     elif _has_numba():
-        pos = cpu.nms_sorted(cand, thr, n_post)
+        pos = cpu.nms_sorted(cand, thr, n_post, min_union)
     else:
-        return nms_bev_reference(boxes, scores, thr, pre_max, post_max)
+        return nms_bev_reference(boxes, scores, thr, pre_max, post_max, min_union)
     return order[pos.to(order.device)]
 
 
@@ -263,11 +312,13 @@ def points_in_boxes_idx(points: torch.Tensor, boxes: torch.Tensor, impl: str = "
 
 
 def batched_nms_bev(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou_threshold: float,
-                    pre_max: Optional[int] = None, post_max: Optional[int] = None, impl: str = "auto"):
+                    pre_max: Optional[int] = None, post_max: Optional[int] = None, impl: str = "auto",
+                    min_union: float = 0.0):
     """`nms_bev` per sample: lists of (N_b, 7+) boxes and (N_b,) scores → list of kept index tensors."""
     if len(boxes) != len(scores):
         raise ValueError(f"batched_nms_bev: {len(boxes)} box tensors but {len(scores)} score tensors")
-    return [nms_bev(b, s, iou_threshold, pre_max, post_max, impl=impl) for b, s in zip(boxes, scores)]
+    return [nms_bev(b, s, iou_threshold, pre_max, post_max, impl=impl, min_union=min_union)
+            for b, s in zip(boxes, scores)]
 
 
 def batched_circle_nms(centers: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], dist_threshold: float,

@@ -5,7 +5,8 @@ Rotated BEV IoU clips box b, expressed in box a's frame (a becomes the axis-alig
 area. Working in a's frame keeps identical, aligned and 90°-rotated boxes exact or within a few ulps,
 and each clip step only interpolates along an edge, so near-degenerate (touching, collinear) pairs
 give slivers of rounding size, never a wrong polygon. Pairs whose circumscribed circles are apart are
-skipped. NMS evaluates IoUs lazily during the greedy pass (only kept box x remaining candidate).
+skipped (their intersection area is zero too: the same kernels return it with `area=True`). NMS evaluates
+IoUs lazily during the greedy pass (only kept box x remaining candidate).
 
 numba is imported with this module (which `bevfusion.ops.boxes` imports only when a CPU path
 runs); the kernels are compiled on first call and cached on disk.
@@ -65,12 +66,20 @@ def _nb_inter_area(a, b, bx, by, cx, cy):
     return abs(area) * 0.5
 
 @_jit
-def _nb_iou_exact(a, b, bx, by, cx, cy):
+def _nb_iou_exact(a, b, bx, by, cx, cy, min_union):
+    """inter / max(union, min_union), clamped to [0, 1]; 0 when that denominator is not > 0."""
     inter = _nb_inter_area(a, b, bx, by, cx, cy)
-    union = a[2] * a[3] + b[2] * b[3] - inter
+    union = max(a[2] * a[3] + b[2] * b[3] - inter, min_union)
     if not union > 0:
         return 0.0
     return min(max(inter / union, 0.0), 1.0)
+
+@_jit
+def _nb_pair(a, b, bx, by, cx, cy, area, min_union):
+    """The intersection area (area=True) or the IoU of rows a, b."""
+    if area:
+        return _nb_inter_area(a, b, bx, by, cx, cy)
+    return _nb_iou_exact(a, b, bx, by, cx, cy, min_union)
 
 @_jit
 def _nb_apart(a, b, ra, rb):
@@ -87,26 +96,27 @@ def _nb_half_diagonals(rows):
     return out
 
 @_jit
-def _nb_iou_matrix(a, b, out):
+def _nb_pair_matrix(a, b, out, area, min_union):
+    """out[i, j] = IoU (or intersection area) of a[i], b[j]; out starts at zero."""
     buf = np.empty((4, 16))
     bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
     ra, rb = _nb_half_diagonals(a), _nb_half_diagonals(b)
     for i in range(a.shape[0]):
         for j in range(b.shape[0]):
             if not _nb_apart(a[i], b[j], ra[i], rb[j]):
-                out[i, j] = _nb_iou_exact(a[i], b[j], bx, by, cx, cy)
+                out[i, j] = _nb_pair(a[i], b[j], bx, by, cx, cy, area, min_union)
 
 @_jit
-def _nb_iou_aligned(a, b, out):
+def _nb_pair_aligned(a, b, out, area, min_union):
     buf = np.empty((4, 16))
     bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
     ra, rb = _nb_half_diagonals(a), _nb_half_diagonals(b)
     for i in range(a.shape[0]):
         if not _nb_apart(a[i], b[i], ra[i], rb[i]):
-            out[i] = _nb_iou_exact(a[i], b[i], bx, by, cx, cy)
+            out[i] = _nb_pair(a[i], b[i], bx, by, cx, cy, area, min_union)
 
 @_jit
-def _nb_nms_sorted(b, thr, post_max, keep):
+def _nb_nms_sorted(b, thr, post_max, min_union, keep):
     """b: rows sorted by decreasing score; keep[k] = row index of the k-th kept box; returns the count."""
     buf = np.empty((4, 16))
     bx, by, cx, cy = buf[0], buf[1], buf[2], buf[3]
@@ -124,7 +134,7 @@ def _nb_nms_sorted(b, thr, post_max, keep):
         for j in range(i + 1, n):
             if suppressed[j] or _nb_apart(b[i], b[j], r[i], r[j]):
                 continue
-            if _nb_iou_exact(b[i], b[j], bx, by, cx, cy) > thr:
+            if _nb_iou_exact(b[i], b[j], bx, by, cx, cy, min_union) > thr:
                 suppressed[j] = True
     return nk
 
@@ -186,21 +196,24 @@ def _bev_rows(boxes: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(boxes.detach()[:, [0, 1, 3, 4, 6]].cpu().double().numpy())
 
 
-def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Tensor:
+def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool, area: bool = False,
+                    min_union: float = 0.0) -> torch.Tensor:
+    """IoU, or with area=True the intersection area (m^2), of the BEV rectangles; float64 math, a's dtype."""
     ra, rb = _bev_rows(a), _bev_rows(b)
     if aligned:
         out = np.zeros(len(ra))
-        _nb_iou_aligned(ra, rb, out)
+        _nb_pair_aligned(ra, rb, out, bool(area), float(min_union))
     else:
         out = np.zeros((len(ra), len(rb)))
-        _nb_iou_matrix(ra, rb, out)
+        _nb_pair_matrix(ra, rb, out, bool(area), float(min_union))
     return torch.from_numpy(out).to(a.dtype)
 
 
-def nms_sorted(boxes_sorted: torch.Tensor, iou_threshold: float, post_max: int) -> torch.Tensor:
+def nms_sorted(boxes_sorted: torch.Tensor, iou_threshold: float, post_max: int,
+               min_union: float = 0.0) -> torch.Tensor:
     """Greedy NMS over boxes already sorted by score; returns positions in that order (int64)."""
     keep = np.empty(len(boxes_sorted), dtype=np.int64)
-    n = _nb_nms_sorted(_bev_rows(boxes_sorted), float(iou_threshold), int(post_max), keep)
+    n = _nb_nms_sorted(_bev_rows(boxes_sorted), float(iou_threshold), int(post_max), float(min_union), keep)
     return torch.from_numpy(keep[:n].copy())
 
 

@@ -66,22 +66,38 @@ def polygon_area(poly: list) -> float:
     return abs(sum(p[0] * q[1] - q[0] * p[1] for p, q in zip(poly, poly[1:] + poly[:1]))) / 2 if poly else 0.0
 
 
-def iou_pair(a, b) -> float:
-    """BEV IoU of two boxes given as sequences of floats."""
+def inter_pair(a, b) -> float:
+    """BEV intersection area of two boxes given as sequences of floats."""
+    return polygon_area(clip_convex(_corners_py(a), _corners_py(b)))
+
+
+def iou_pair(a, b, min_union: float = 0.0) -> float:
+    """BEV IoU of two boxes given as sequences of floats: inter / max(union, min_union), 0 if that is <= 0."""
     area_a, area_b = a[3] * a[4], b[3] * b[4]
-    inter = polygon_area(clip_convex(_corners_py(a), _corners_py(b)))
-    union = area_a + area_b - inter
+    inter = inter_pair(a, b)
+    union = max(area_a + area_b - inter, min_union)
     return min(max(inter / union, 0.0), 1.0) if union > 0 else 0.0
 
 
-def rotated_iou_bev_reference(a: torch.Tensor, b: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-    """(M, 7+), (K, 7+) → (M, K) IoU (or (M,) with aligned=True), float64 loops, in a's dtype."""
+def _pairwise(fn, a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Tensor:
     la, lb = a.detach().double().tolist(), b.detach().double().tolist()
     if aligned:
-        out = [iou_pair(p, q) for p, q in zip(la, lb)]
+        out = [fn(p, q) for p, q in zip(la, lb)]
         return torch.tensor(out, dtype=torch.float64).reshape(len(la)).to(a.dtype).to(a.device)
-    out = [[iou_pair(p, q) for q in lb] for p in la]
+    out = [[fn(p, q) for q in lb] for p in la]
     return torch.tensor(out, dtype=torch.float64).reshape(len(la), len(lb)).to(a.dtype).to(a.device)
+
+
+def rotated_iou_bev_reference(a: torch.Tensor, b: torch.Tensor, aligned: bool = False,
+                              min_union: float = 0.0) -> torch.Tensor:
+    """(M, 7+), (K, 7+) → (M, K) IoU (or (M,) with aligned=True), float64 loops, in a's dtype."""
+    return _pairwise(lambda p, q: iou_pair(p, q, min_union), a, b, aligned)
+
+
+def rotated_intersection_bev_reference(a: torch.Tensor, b: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+    """(M, 7+), (K, 7+) → (M, K) BEV intersection areas (or (M,) with aligned=True), float64 loops, in a's
+    dtype."""
+    return _pairwise(inter_pair, a, b, aligned)
 
 
 def points_in_boxes_reference(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -101,12 +117,13 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices
 
 
-def nms_bev_reference(boxes, scores, iou_threshold: float, pre_max=None, post_max=None) -> torch.Tensor:
+def nms_bev_reference(boxes, scores, iou_threshold: float, pre_max=None, post_max=None,
+                      min_union: float = 0.0) -> torch.Tensor:
     order = descending_order(scores).tolist()[:pre_max]
     rows = boxes.detach().double().tolist()
     keep: list[int] = []
     for i in order:
-        if all(iou_pair(rows[k], rows[i]) <= iou_threshold for k in keep):
+        if all(iou_pair(rows[k], rows[i], min_union) <= iou_threshold for k in keep):
             keep.append(i)
     return torch.tensor(keep[:post_max], dtype=torch.int64, device=boxes.device)
 

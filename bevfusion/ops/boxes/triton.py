@@ -5,7 +5,8 @@
   vectorised: each lane's polygon lives in 8 slots of a (BLOCK, 8) tile, and a clip step compacts its
   output with an exclusive prefix sum and a one-hot (BLOCK, 8, 8) select, so there is no
   data-dependent control flow. A convex quad clipped by four half-planes has at most 8 vertices.
-  Arithmetic in float32 (float64 for float64 boxes).
+  Arithmetic in float32 (float64 for float64 boxes). With AREA it stores the intersection area (m^2)
+  instead of the IoU (`rotated_intersection_bev`).
 * `_points_kernel`: a (points x boxes) tile of the inside test.
 
 NMS on the GPU = the IoU matrix here, `iou > threshold` on the device, and the greedy pass over that
@@ -55,7 +56,8 @@ def _clip(px, py, n, nx: tl.constexpr, ny: tl.constexpr, h, slot):
 
 
 @triton.jit
-def _iou_kernel(a_ptr, b_ptr, out_ptr, total, K, ALIGNED: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _iou_kernel(a_ptr, b_ptr, out_ptr, total, K, ALIGNED: tl.constexpr, AREA: tl.constexpr, F64: tl.constexpr,
+                BLOCK: tl.constexpr):
     """a: (M, 5), b: (K, 5) rows (x, y, dx, dy, yaw), contiguous, compute dtype; total = M*K (M if aligned),
     passed from the host so that it is int64 when large (and no `.to` on an argument that Triton may
     specialise to the constant 1)."""
@@ -106,10 +108,13 @@ def _iou_kernel(a_ptr, b_ptr, out_ptr, total, K, ALIGNED: tl.constexpr, F64: tl.
     qy = _next_slot(py, n, slot)
     valid = slot[None, :] < n[:, None]
     inter = tl.abs(tl.sum(tl.where(valid, px * qy - qx * py, 0.0), axis=1)) * 0.5
-    union = adx * ady + bdx * bdy - inter
-    iou = tl.where(union > 0, inter / tl.where(union > 0, union, 1.0), 0.0)
-    iou = tl.minimum(tl.maximum(iou, 0.0), 1.0)
-    tl.store(out_ptr + idx, iou, mask=live)
+    if AREA:
+        tl.store(out_ptr + idx, inter, mask=live)
+    else:
+        union = adx * ady + bdx * bdy - inter
+        iou = tl.where(union > 0, inter / tl.where(union > 0, union, 1.0), 0.0)
+        iou = tl.minimum(tl.maximum(iou, 0.0), 1.0)
+        tl.store(out_ptr + idx, iou, mask=live)
 
 
 @triton.jit
@@ -157,8 +162,8 @@ IOU_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POINTS_BLOCK = (64, 32)  # (points, boxes) per program of _points_kernel
 
 
-def _iou_meta(aligned: bool, ct: torch.dtype) -> dict:
-    return dict(ALIGNED=aligned, F64=ct == torch.float64, BLOCK=BLOCK_PAIRS)
+def _iou_meta(aligned: bool, ct: torch.dtype, area: bool = False) -> dict:
+    return dict(ALIGNED=aligned, AREA=area, F64=ct == torch.float64, BLOCK=BLOCK_PAIRS)
 
 
 def _points_meta(ct: torch.dtype) -> dict:
@@ -166,19 +171,21 @@ def _points_meta(ct: torch.dtype) -> dict:
 
 
 def aot_variants() -> list:
-    """Every launch the launchers below can make on a GPU, for `bevfusion.ops.triton_aot`: IoU per
-    compute dtype x aligned or not; points-in-boxes per points dtype x compute dtype (float64 when
-    the points or the boxes are float64)."""
+    """Every launch the launchers below can make on a GPU, for `bevfusion.ops.triton_aot`: IoU (then
+    the intersection area) per compute dtype x aligned or not; points-in-boxes per points dtype x
+    compute dtype (float64 when the points or the boxes are float64). The first variant (IoU, all
+    pairs) is the kernel's edge case and the one compiled by the default test suite."""
     from ..triton_aot import I8, launch, ptr
     from . import SUPPORTED_DTYPES
 
     out = []
-    for ct in sorted({_compute_dtype(d) for d in IOU_GPU_DTYPES}, key=str):
-        c = ptr(ct)
-        for aligned in (False, True):
-            out.append(launch("boxes", _iou_kernel, f"{c[1:]} {'aligned' if aligned else 'all pairs'}", hot=False,
-                              meta=_iou_meta(aligned, ct),
-                              args=dict(a_ptr=c, b_ptr=c, out_ptr=c, total="i32", K="i32")))
+    for area in (False, True):
+        for ct in sorted({_compute_dtype(d) for d in IOU_GPU_DTYPES}, key=str):
+            c = ptr(ct)
+            for aligned in (False, True):
+                label = f"{c[1:]} {'aligned' if aligned else 'all pairs'}" + (" area" if area else "")
+                out.append(launch("boxes", _iou_kernel, label, hot=False, meta=_iou_meta(aligned, ct, area),
+                                  args=dict(a_ptr=c, b_ptr=c, out_ptr=c, total="i32", K="i32")))
     for pdt in SUPPORTED_DTYPES:
         for bdt in SUPPORTED_DTYPES:
             ct = torch.float64 if torch.float64 in (pdt, bdt) else torch.float32  # as points_in_boxes
@@ -188,15 +195,26 @@ def aot_variants() -> list:
     return out
 
 
-def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool) -> torch.Tensor:
+def rotated_iou_bev(a: torch.Tensor, b: torch.Tensor, aligned: bool, area: bool = False,
+                    min_union: float = 0.0) -> torch.Tensor:
+    """IoU, or with area=True the intersection area (m^2), in the compute dtype; returned in a's dtype.
+
+    With min_union > 0 the IoU is inter / max(union, min_union): the kernel gives the intersection
+    areas and the division happens here, in the compute dtype."""
     ct = _compute_dtype(a.dtype)
     ra = a.detach()[:, [0, 1, 3, 4, 6]].to(ct).contiguous()
     rb = b.detach()[:, [0, 1, 3, 4, 6]].to(ct).contiguous()
     m, k = ra.shape[0], rb.shape[0]
+    inter_only = area or min_union > 0
     out = torch.empty((m,) if aligned else (m, k), dtype=ct, device=a.device)
     if out.numel():
-        meta = _iou_meta(aligned, ct)
+        meta = _iou_meta(aligned, ct, inter_only)
         _iou_kernel[(triton.cdiv(out.numel(), meta["BLOCK"]),)](ra, rb, out, out.numel(), k, **meta)
+    if inter_only and not area:
+        area_a, area_b = ra[:, 2] * ra[:, 3], rb[:, 2] * rb[:, 3]
+        union = (area_a + area_b if aligned else area_a[:, None] + area_b[None, :]) - out
+        union = union.clamp(min=min_union)
+        out = torch.where(union > 0, out / torch.where(union > 0, union, 1.0), 0.0).clamp(0.0, 1.0)
     return out.to(a.dtype)
 
 

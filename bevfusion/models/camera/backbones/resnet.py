@@ -17,8 +17,9 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bevfusion.models.common import (build_norm, freeze_module, init_from_cfg, kaiming_init, merge_pretrained,
-                                     read_local_checkpoint)
+from bevfusion.models.common import (backbone_state_dict, build_norm, freeze_module, init_from_cfg, kaiming_init,
+                                     merge_pretrained, read_local_checkpoint)
+from bevfusion.models.layers import Conv2d, ConvSpec, NormSpec, as_spec
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -29,10 +30,10 @@ _BN = {"type": "BN", "requires_grad": True}
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, dilation: int = 1,
           conv_cfg: Mapping[str, Any] | None = None) -> nn.Conv2d:
-    kind = (conv_cfg or {}).get("type", "Conv2d")
-    if kind not in ("Conv2d", "Conv"):
-        raise ValueError(f"ResNet: conv_cfg type {kind!r} is not supported (Conv2d)")
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
+    conv = as_spec(conv_cfg, ConvSpec, {"type": "Conv2d"}, "conv_cfg")
+    if not isinstance(conv, Conv2d):
+        raise ValueError(f"ResNet: conv_cfg type {conv.type_name!r} is not supported (Conv2d)")
+    return conv(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -130,7 +131,7 @@ class ResNet(nn.Module):
         self.init_cfg = merge_pretrained("ResNet", init_cfg, pretrained)
         self.depth, self.out_indices, self.frozen_stages = depth, tuple(out_indices), frozen_stages
         self.norm_eval, self.zero_init_residual, self.deep_stem = norm_eval, zero_init_residual, deep_stem
-        norm_cfg = dict(norm_cfg or _BN)
+        norm_cfg = as_spec(norm_cfg, NormSpec, _BN, "norm_cfg")
         self.block, stage_blocks = self.arch_settings[depth]
         stem_channels = stem_channels or base_channels
         if deep_stem:
@@ -217,14 +218,7 @@ class ResNet(nn.Module):
     def load_pretrained(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Load torchvision, mmdet (`backbone.`) or BEVFusion (`encoders.camera.backbone.`) ResNet weights."""
         path = os.fspath(path)
-        ckpt = read_local_checkpoint(path, "ResNet")
-        state = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, Mapping) else {}
-        state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items()
-                            if isinstance(v, torch.Tensor))
-        for prefix in ("encoders.camera.backbone.", "backbone."):
-            if any(k.startswith(prefix) for k in state):
-                state = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
-                break
+        state = backbone_state_dict(read_local_checkpoint(path, "ResNet"))
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))  # classifier
         own = self.state_dict()
         if not any(k in own for k in state):

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from bevfusion.models.common import (DropPath, build_activation, freeze_module, init_from_cfg, merge_pretrained,
-                                     read_local_checkpoint, trunc_normal_)
+from bevfusion.models.common import (DropPath, backbone_state_dict, build_activation, freeze_module, init_from_cfg,
+                                     merge_pretrained, read_local_checkpoint, trunc_normal_)
+from bevfusion.models.layers import LN, NormSpec, as_spec
 
 __all__ = ["SwinTransformer", "WindowMSA", "ShiftWindowMSA", "SwinBlock", "PatchMerging", "PatchEmbed",
            "swin_state_dict", "convert_original_swin", "relative_position_index"]
@@ -42,12 +43,11 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
 
 
-def _layer_norm(norm_cfg: Mapping[str, Any] | None, dim: int) -> nn.Module:
-    cfg = dict(norm_cfg or {"type": "LN"})
-    if cfg.pop("type", "LN") != "LN":
-        raise ValueError(f"SwinTransformer: norm_cfg type must be LN, got {norm_cfg!r}")
-    cfg.pop("requires_grad", None)
-    return nn.LayerNorm(dim, **cfg)  # eps 1e-5 by default, as mmcv's LN
+def _layer_norm(norm_cfg: NormSpec | Mapping[str, Any] | None, dim: int) -> nn.Module:
+    norm = as_spec(norm_cfg, NormSpec, {"type": "LN"}, "norm_cfg")
+    if not isinstance(norm, LN):
+        raise ValueError(f"SwinTransformer: norm_cfg type must be LN, got {norm.type_name}")
+    return norm(dim)  # eps 1e-5 by default, as mmcv's LN
 
 
 def relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
@@ -478,18 +478,7 @@ def swin_state_dict(ckpt: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]"
     `encoders.camera.backbone.` (BEVFusion) or `backbone.` (mmdet detector) part when present, strips a
     DDP `module.` prefix, and converts original Swin-repo keys (`layers.*`).
     """
-    if "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-    elif "model" in ckpt:
-        state = ckpt["model"]
-    else:
-        state = ckpt
-    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items()
-                        if isinstance(v, torch.Tensor))
-    for prefix in ("encoders.camera.backbone.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            state = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
-            break
+    state = backbone_state_dict(ckpt)
     if any(k.startswith("layers.") for k in state):
         state = convert_original_swin(state)
     return state
