@@ -6,7 +6,6 @@ user would type. A step whose output already exists is skipped (use --force to r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bevfusion.utils.cli import ToolParser, UsageError, tool_main
 from bevfusion.utils.logging import get_logger
 
 TOOLS = Path(__file__).resolve().parent
@@ -49,8 +49,9 @@ def build_steps(data: Path, work: Path, config: Path, version: str) -> list[Step
     ]
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ToolParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "synthetic",
                         help="where the synthetic drive is written (default: data/synthetic)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "work_dirs" / "demo",
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="v1.0-mini", help="dataset version written by the generator")
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     args = parser.parse_args(argv)
+    if not args.config.is_file():
+        raise UsageError(f"--config {args.config}: file not found")
+    for option, path in (("--data", args.data), ("--work-dir", args.work_dir)):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {path}: exists and is a file, not a folder")
 
     t0 = time.time()
     steps = build_steps(args.data, args.work_dir, args.config, args.version)

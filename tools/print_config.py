@@ -7,9 +7,10 @@ import sys
 import yaml
 
 from bevfusion.config import config_chain, to_plain
-from bevfusion.utils.cli import config_parser, parse_config_args
+from bevfusion.utils.cli import config_parser, parse_config_args, tool_main
 
 
+@tool_main
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--chain", action="store_true", help="only list the files merged, in order")

@@ -39,7 +39,7 @@ from bevfusion.utils.io import atomic_writer
 __all__ = [
     "CheckpointError", "FORMAT", "RUNTIME_KEYS", "rng_state", "set_rng_state", "config_text", "config_hash",
     "config_diff", "save_checkpoint", "link_latest", "prune_checkpoints", "load_checkpoint", "check_config",
-    "load_model_state", "find_latest",
+    "load_model_state", "find_latest", "check_finite",
 ]
 
 FORMAT = "bevfusion-train-v1"
@@ -52,6 +52,8 @@ RUNTIME_KEYS = ("log_config", "checkpoint_config", "evaluation", "data.val", "da
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the run; the message names file and keys."""
+
+    exit_code = 1  # bevfusion.utils.cli: the run failed on an input file
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,6 +245,19 @@ def check_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], source: str = 
     lines = "\n  ".join(diff[:30]) + (f"\n  ... and {len(diff) - 30} more" if len(diff) > 30 else "")
     raise CheckpointError(f"{source} was written with a different config; mismatched keys "
                           f"(checkpoint -> now):\n  {lines}")
+
+
+def check_finite(state_dict: Mapping[str, Any], source: str | os.PathLike = "checkpoint") -> None:
+    """Raise CheckpointError naming `source` and the first floating-point weight with NaN or inf values
+    (a diverged run's weights give boxes with NaN coordinates that fail far from the cause)."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                kind = "NaN" if bool(torch.isnan(value).any()) else "inf"
+                raise CheckpointError(f"{source}: {key} has {bad} {kind} value(s) of {value.numel()}; "
+                                      "the checkpoint is unusable (did the training diverge?)")
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

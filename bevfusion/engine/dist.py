@@ -12,8 +12,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "barrier", "all_reduce_mean", "all_gather_object",
+__all__ = ["DistributedSetupError", "DistInfo", "init_distributed", "is_distributed", "barrier", "all_reduce_mean", "all_gather_object",
            "cleanup"]
+
+
+class DistributedSetupError(RuntimeError):
+    """The device or the torchrun environment asked for is not there; the message names the option or
+    variable."""
+
+    exit_code = 1  # bevfusion.utils.cli: the run failed on its environment
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but CUDA is not available")
+            raise DistributedSetupError("--device cuda requested but CUDA is not available")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -53,7 +60,7 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if world > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
+                raise DistributedSetupError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev)

@@ -20,7 +20,10 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["OptimizerConfigError", "build_optimizer", "param_groups", "apply_freeze"]
+from bevfusion.engine.settings import as_number, as_section
+
+__all__ = ["OptimizerConfigError", "build_optimizer", "check_optimizer_config", "check_paramwise_config",
+           "param_groups", "apply_freeze"]
 
 _OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
 _PARAMWISE_KEYS = {"custom_keys", "bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult",
@@ -59,20 +62,35 @@ def _module_of(model: nn.Module) -> dict[str, nn.Module]:
     return owner
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float | None,
-                 paramwise_cfg: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Parameter groups (`params`, `lr`, and `weight_decay` when given) for the trainable parameters."""
-    cfg = dict(paramwise_cfg or {})
+def check_paramwise_config(paramwise_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`optimizer.paramwise_cfg` with its keys and multipliers checked (numbers >= 0), as a plain dict."""
+    cfg = as_section(paramwise_cfg, "optimizer.paramwise_cfg", OptimizerConfigError)
     unknown = sorted(set(cfg) - _PARAMWISE_KEYS)
     if unknown:
         raise OptimizerConfigError(f"optimizer.paramwise_cfg: unknown key(s) {', '.join(unknown)} "
                                    f"(expected {', '.join(sorted(_PARAMWISE_KEYS))})")
-    custom = dict(cfg.get("custom_keys") or {})
+    custom = cfg["custom_keys"] = as_section(cfg.get("custom_keys"), "optimizer.paramwise_cfg.custom_keys",
+                                             OptimizerConfigError)
     for key, value in custom.items():
-        bad = sorted(set(value or {}) - {"lr_mult", "decay_mult"})
+        where = f"optimizer.paramwise_cfg.custom_keys.{key}"
+        value = custom[key] = as_section(value, where, OptimizerConfigError)
+        bad = sorted(set(value) - {"lr_mult", "decay_mult"})
         if bad:
-            raise OptimizerConfigError(f"optimizer.paramwise_cfg.custom_keys.{key}: unknown key(s) {', '.join(bad)} "
-                                       "(expected lr_mult, decay_mult)")
+            raise OptimizerConfigError(f"{where}: unknown key(s) {', '.join(bad)} (expected lr_mult, decay_mult)")
+        for mult in ("lr_mult", "decay_mult"):
+            if mult in value:
+                value[mult] = as_number(value[mult], f"{where}.{mult}", OptimizerConfigError, low=0)
+    for mult in ("bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult"):
+        if mult in cfg:
+            cfg[mult] = as_number(cfg[mult], f"optimizer.paramwise_cfg.{mult}", OptimizerConfigError, low=0)
+    return cfg
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float | None,
+                 paramwise_cfg: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Parameter groups (`params`, `lr`, and `weight_decay` when given) for the trainable parameters."""
+    cfg = check_paramwise_config(paramwise_cfg)
+    custom = cfg.get("custom_keys") or {}
     keys = sorted(sorted(custom), key=len, reverse=True)
     owner = _module_of(model)
     groups: dict[tuple, dict[str, Any]] = {}
@@ -111,26 +129,42 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None,
     return list(groups.values())
 
 
+def check_optimizer_config(cfg: Mapping[str, Any]) -> tuple[str, float, float | None, dict[str, Any], dict[str, Any]]:
+    """Type-check an `optimizer` section without a model: (type, lr, weight_decay, paramwise_cfg, other
+    keyword arguments of the optimizer). Raises OptimizerConfigError naming the key."""
+    cfg = as_section(cfg, "optimizer", OptimizerConfigError)
+    kind = cfg.pop("type", None)
+    if kind not in _OPTIMIZERS:
+        raise OptimizerConfigError(f"optimizer.type: expected one of {', '.join(_OPTIMIZERS)}, got {kind!r}")
+    paramwise = check_paramwise_config(cfg.pop("paramwise_cfg", None))
+    if "lr" not in cfg:
+        raise OptimizerConfigError("optimizer.lr: required")
+    lr = as_number(cfg.pop("lr"), "optimizer.lr", OptimizerConfigError, low=0)
+    wd = cfg.pop("weight_decay", None)
+    if kind == "AdamW" and wd is None:
+        wd = 0.01  # torch's AdamW default, which the official LiDAR-only seg config relies on
+    if wd is not None:
+        wd = as_number(wd, "optimizer.weight_decay", OptimizerConfigError, low=0)
+    if "betas" in cfg:
+        betas = cfg["betas"]
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise OptimizerConfigError(f"optimizer.betas: expected a pair of numbers in [0, 1), got {betas!r}")
+        cfg["betas"] = tuple(as_number(b, f"optimizer.betas[{i}]", OptimizerConfigError, low=0, high=1, high_open=True)
+                             for i, b in enumerate(betas))
+    for key, low_open in (("momentum", False), ("eps", True), ("dampening", False)):
+        if cfg.get(key) is not None:
+            cfg[key] = as_number(cfg[key], f"optimizer.{key}", OptimizerConfigError, low=0, low_open=low_open)
+    return kind, lr, wd, paramwise, cfg
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """The optimizer of an `optimizer` config section (AdamW, Adam or SGD) over the trainable parameters.
 
     Each param group keeps `param_names` (so a checkpoint names what it holds) besides the usual keys.
     """
-    cfg = dict(cfg)
-    kind = cfg.pop("type", None)
-    if kind not in _OPTIMIZERS:
-        raise OptimizerConfigError(f"optimizer.type: expected one of {', '.join(_OPTIMIZERS)}, got {kind!r}")
-    paramwise = cfg.pop("paramwise_cfg", None)
-    if "lr" not in cfg:
-        raise OptimizerConfigError("optimizer.lr: required")
-    lr = float(cfg.pop("lr"))
-    wd = cfg.pop("weight_decay", None)
-    if kind == "AdamW" and wd is None:
-        wd = 0.01  # torch's AdamW default, which the official LiDAR-only seg config relies on
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
-    groups = param_groups(model, lr, None if wd is None else float(wd), paramwise)
+    kind, lr, wd, paramwise, kwargs = check_optimizer_config(cfg)
+    groups = param_groups(model, lr, wd, paramwise)
     try:
-        return _OPTIMIZERS[kind](groups, lr=lr, **cfg)
+        return _OPTIMIZERS[kind](groups, lr=lr, **kwargs)
     except TypeError as exc:
         raise OptimizerConfigError(f"optimizer: {exc}") from None

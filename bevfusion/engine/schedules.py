@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from bevfusion.engine.settings import as_bool, as_int, as_number
+
 __all__ = [
     "annealing_cos", "LrSchedule", "CyclicSchedule", "CosineAnnealingSchedule", "StepSchedule",
     "FixedSchedule", "Warmup", "ScheduleSet", "build_lr_schedule", "build_momentum_schedule",
@@ -45,11 +47,14 @@ def _target_ratio(value: Any, key: str) -> tuple[float, float]:
     if isinstance(value, bool):
         raise ScheduleError(f"{key}: expected a number or a pair, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value), float(value) / 1e5
+        value = as_number(value, key, ScheduleError, low=0)
+        return value, value / 1e5
     if isinstance(value, (list, tuple)) and len(value) == 1:
-        return float(value[0]), float(value[0]) / 1e5
+        first = as_number(value[0], f"{key}[0]", ScheduleError, low=0)
+        return first, first / 1e5
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return float(value[0]), float(value[1])
+        return (as_number(value[0], f"{key}[0]", ScheduleError, low=0),
+                as_number(value[1], f"{key}[1]", ScheduleError, low=0))
     raise ScheduleError(f"{key}: expected a number or a pair, got {value!r}")
 
 
@@ -226,6 +231,8 @@ def build_lr_schedule(lr_config: Mapping[str, Any] | None, max_epochs: int, iter
     """The regular lr schedule and warmup of an `lr_config` section (None means a fixed lr)."""
     if lr_config is None:
         return FixedSchedule(), None
+    if not isinstance(lr_config, Mapping):
+        raise ScheduleError(f"lr_config: expected a mapping with a policy, got {lr_config!r}")
     cfg = dict(lr_config)
     policy = cfg.get("policy")
     if not isinstance(policy, str) or policy.lower() not in _LR_KEYS:
@@ -237,27 +244,49 @@ def build_lr_schedule(lr_config: Mapping[str, Any] | None, max_epochs: int, iter
     if name == "cyclic":
         sched: LrSchedule = CyclicSchedule(max_iters, _target_ratio(cfg.get("target_ratio", (10, 1e-4)),
                                                                     "lr_config.target_ratio"),
-                                           int(cfg.get("cyclic_times", 1)), float(cfg.get("step_ratio_up", 0.4)))
+                                           *_cycles(cfg, "lr_config"))
     elif name == "cosineannealing":
-        sched = CosineAnnealingSchedule(max_epochs, max_iters, cfg.get("min_lr"), cfg.get("min_lr_ratio"),
-                                        bool(cfg.get("by_epoch", True)))
+        min_lr, ratio = cfg.get("min_lr"), cfg.get("min_lr_ratio")
+        if min_lr is not None:
+            min_lr = as_number(min_lr, "lr_config.min_lr", ScheduleError, low=0)
+        if ratio is not None:
+            ratio = as_number(ratio, "lr_config.min_lr_ratio", ScheduleError, low=0)
+        sched = CosineAnnealingSchedule(max_epochs, max_iters, min_lr, ratio,
+                                        as_bool(cfg.get("by_epoch", True), "lr_config.by_epoch", ScheduleError))
     elif name == "step":
         if "step" not in cfg:
             raise ScheduleError("lr_config.step: required for the step policy")
-        sched = StepSchedule(cfg["step"], float(cfg.get("gamma", 0.1)), cfg.get("min_lr"),
-                             bool(cfg.get("by_epoch", True)))
+        step = cfg["step"]
+        if isinstance(step, (list, tuple)):
+            step = [as_int(v, f"lr_config.step[{i}]", ScheduleError, low=0) for i, v in enumerate(step)]
+        else:
+            step = as_int(step, "lr_config.step", ScheduleError, low=1)
+        min_lr = cfg.get("min_lr")
+        sched = StepSchedule(step, as_number(cfg.get("gamma", 0.1), "lr_config.gamma", ScheduleError, low=0),
+                             None if min_lr is None else as_number(min_lr, "lr_config.min_lr", ScheduleError, low=0),
+                             as_bool(cfg.get("by_epoch", True), "lr_config.by_epoch", ScheduleError))
     else:
         sched = FixedSchedule()
     warmup = None
     if cfg.get("warmup") is not None:
-        if cfg.get("warmup_by_epoch"):
-            iters = int(cfg.get("warmup_epochs", 0)) * iters_per_epoch
+        if as_bool(cfg.get("warmup_by_epoch"), "lr_config.warmup_by_epoch", ScheduleError):
+            iters = as_int(cfg.get("warmup_epochs", 0), "lr_config.warmup_epochs", ScheduleError, low=0) \
+                * iters_per_epoch
         else:
             iters = cfg.get("warmup_iters")
             if iters is None:
                 raise ScheduleError("lr_config.warmup_iters: required with a warmup")
-        warmup = Warmup(str(cfg["warmup"]), int(iters), float(cfg.get("warmup_ratio", 0.1)))
+            iters = as_int(iters, "lr_config.warmup_iters", ScheduleError)
+        warmup = Warmup(str(cfg["warmup"]), iters,
+                        as_number(cfg.get("warmup_ratio", 0.1), "lr_config.warmup_ratio", ScheduleError))
     return sched, warmup
+
+
+def _cycles(cfg: Mapping[str, Any], section: str) -> tuple[int, float]:
+    """(cyclic_times, step_ratio_up) of a cyclic section, type-checked."""
+    return (as_int(cfg.get("cyclic_times", 1), f"{section}.cyclic_times", ScheduleError, low=1),
+            as_number(cfg.get("step_ratio_up", 0.4), f"{section}.step_ratio_up", ScheduleError, low=0, high=1,
+                      high_open=True))
 
 
 def build_momentum_schedule(momentum_config: Mapping[str, Any] | None, max_epochs: int,
@@ -265,6 +294,8 @@ def build_momentum_schedule(momentum_config: Mapping[str, Any] | None, max_epoch
     """The momentum schedule of a `momentum_config` section (only `cyclic`, as the official configs)."""
     if momentum_config is None:
         return None
+    if not isinstance(momentum_config, Mapping):
+        raise ScheduleError(f"momentum_config: expected a mapping with a policy, got {momentum_config!r}")
     cfg = dict(momentum_config)
     policy = cfg.get("policy")
     if not isinstance(policy, str) or policy.lower() != "cyclic":
@@ -274,7 +305,7 @@ def build_momentum_schedule(momentum_config: Mapping[str, Any] | None, max_epoch
     _common_checks(cfg, "momentum_config")
     return CyclicSchedule(max_epochs * iters_per_epoch,
                           _target_ratio(cfg.get("target_ratio", (0.85 / 0.95, 1)), "momentum_config.target_ratio"),
-                          int(cfg.get("cyclic_times", 1)), float(cfg.get("step_ratio_up", 0.4)))
+                          *_cycles(cfg, "momentum_config"))
 
 
 def build_schedules(cfg: Mapping[str, Any], max_epochs: int, iters_per_epoch: int) -> ScheduleSet:

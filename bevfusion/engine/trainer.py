@@ -191,11 +191,18 @@ class Trainer:
         rng = all_gather_object(ckpt_io.rng_state())
         if not self.dist.is_main:
             return
-        ckpt_io.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, rng=rng,
-                                cfg=self.cfg, scheduler=self._scheduler_state(),
-                                meta={"epoch": self.epoch, "inner_iter": self.inner_iter, "iter": self.iter,
-                                      "iters_per_epoch": self.iters_per_epoch, "max_epochs": self.max_epochs,
-                                      "world_size": self.dist.world_size})
+        try:
+            ckpt_io.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, rng=rng,
+                                    cfg=self.cfg, scheduler=self._scheduler_state(),
+                                    meta={"epoch": self.epoch, "inner_iter": self.inner_iter, "iter": self.iter,
+                                          "iters_per_epoch": self.iters_per_epoch, "max_epochs": self.max_epochs,
+                                          "world_size": self.dist.world_size})
+        except OSError as exc:  # disk full, read-only, quota: the files written before stay as they were
+            latest = ckpt_io.find_latest(self.work_dir)
+            kept = (f"{latest} is the last good checkpoint (continue with --resume)" if latest is not None
+                    else "no checkpoint was kept")
+            raise ckpt_io.CheckpointError(f"{path}: saving the checkpoint failed: "
+                                          f"{exc.strerror or exc}; {kept}") from exc
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue exactly from a checkpoint of this config (raises CheckpointError naming what differs)."""
@@ -206,6 +213,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"{path}: {meta['iters_per_epoch']} iterations per epoch in the checkpoint, {self.iters_per_epoch} "
                 "now (dataset size, samples_per_gpu or world size changed)")
+        ckpt_io.check_finite(ckpt["state_dict"], path)
         ckpt_io.load_model_state(self.model, ckpt["state_dict"], source=f"{path}")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])

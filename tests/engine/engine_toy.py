@@ -4,7 +4,9 @@
     python tests/engine/engine_toy.py CONFIG [tools/train.py options]
 
 Fault injection (test only): TOY_KILL_AT=k SIGKILLs the process in its k-th training forward;
-TOY_CRASH_IN_SAVE=n SIGKILLs it halfway through writing its n-th checkpoint file.
+TOY_CRASH_IN_SAVE=n SIGKILLs it halfway through writing its n-th checkpoint file; TOY_FULL_AT_SAVE=n lowers
+the process's file size limit (RLIMIT_FSIZE) to 4 KiB just before its n-th checkpoint file, so that the
+operating system refuses the write (EFBIG) as a full disk would (ENOSPC).
 """
 from __future__ import annotations
 
@@ -137,10 +139,28 @@ def _crash_in_save(n: int) -> None:
     torch.save = save
 
 
+def _full_at_save(n: int) -> None:
+    import resource
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if os.environ.get("TOY_CRASH_IN_SAVE"):
         _crash_in_save(int(os.environ["TOY_CRASH_IN_SAVE"]))
+    if os.environ.get("TOY_FULL_AT_SAVE"):
+        _full_at_save(int(os.environ["TOY_FULL_AT_SAVE"]))
     from bevfusion.engine.launch import main
 
     sys.exit(main(sys.argv[1:], model_builder=build_model, dataset_builder=build_dataset,

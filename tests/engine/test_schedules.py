@@ -108,6 +108,18 @@ def test_sgd_momentum_and_lr_mult_base():
     ({"lr_config": {"policy": "CosineAnnealing"}}, "min_lr"),
     ({"lr_config": {"policy": "fixed", "warmup": "linear"}}, "warmup_iters"),
     ({"momentum_config": {"policy": "step"}}, "momentum_config.policy"),
+    ({"lr_config": {"policy": "cyclic", "target_ratio": "abc"}}, "lr_config.target_ratio"),
+    ({"lr_config": {"policy": "cyclic", "target_ratio": [10, "x"]}}, r"lr_config.target_ratio\[1\]"),
+    ({"lr_config": {"policy": "cyclic", "cyclic_times": 0}}, "lr_config.cyclic_times"),
+    ({"lr_config": {"policy": "step", "step": [8, "x"]}}, r"lr_config.step\[1\]"),
+    ({"lr_config": {"policy": "step", "step": 8, "gamma": "x"}}, "lr_config.gamma"),
+    ({"lr_config": {"policy": "CosineAnnealing", "min_lr_ratio": "x"}}, "lr_config.min_lr_ratio"),
+    ({"lr_config": {"policy": "CosineAnnealing", "min_lr_ratio": 0.1, "by_epoch": "false"}}, "lr_config.by_epoch"),
+    ({"lr_config": {"policy": "fixed", "warmup": "linear", "warmup_iters": 2.5}}, "lr_config.warmup_iters"),
+    ({"lr_config": {"policy": "fixed", "warmup": "linear", "warmup_iters": 5, "warmup_ratio": "x"}},
+     "lr_config.warmup_ratio"),
+    ({"lr_config": "cyclic"}, "lr_config"),
+    ({"momentum_config": {"policy": "cyclic", "step_ratio_up": 1.5}}, "momentum_config.step_ratio_up"),
 ])
 def test_schedule_errors_name_the_key(cfg, message):
     with pytest.raises(ScheduleError, match=message):
@@ -178,6 +190,10 @@ def test_frozen_parameters_are_excluded():
     ({"type": "AdamW"}, "optimizer.lr"),
     ({"type": "AdamW", "lr": 1, "paramwise_cfg": {"custom_key": {}}}, "custom_key"),
     ({"type": "AdamW", "lr": 1, "paramwise_cfg": {"custom_keys": {"head": {"lr_mul": 2}}}}, "lr_mul"),
+    ({"type": "AdamW", "lr": "abc"}, "optimizer.lr: expected a number"),
+    ({"type": "SGD", "lr": 1, "momentum": "x"}, "optimizer.momentum"),
+    ({"type": "AdamW", "lr": 1, "betas": [0.9]}, "optimizer.betas"),
+    ({"type": "AdamW", "lr": 1, "paramwise_cfg": {"norm_decay_mult": "x"}}, "optimizer.paramwise_cfg.norm_decay_mult"),
 ])
 def test_optimizer_errors_name_the_key(cfg, message):
     with pytest.raises(OptimizerConfigError, match=message):
