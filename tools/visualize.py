@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="predicted map probability threshold")
     parser.add_argument("--sweeps", type=int_at_least(0), default=9, help="LiDAR sweeps added to each keyframe")
     parser.add_argument("--max-points", type=int_at_least(1), help="subsample each cloud to this many points")
+    parser.add_argument("--view-range", type=float_in(0, 10000), default=30.0,
+                        help="the 3D view shows what lies within this many metres of the LiDAR, which is what it "
+                             "frames (default 30; 0 shows everything)")
     parser.add_argument("--color-by", default="height", choices=["height", "intensity"], help="point colours")
     parser.add_argument("--no-images", action="store_true", help="leave the camera images out")
     parser.add_argument("--no-gt-map", action="store_true", help="do not rasterise GT maps from the map files")
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     frame_options = FrameOptions(sweeps_num=args.sweeps, max_points=args.max_points,
                                  score_threshold=args.score_threshold, gt_maps=not args.no_gt_map,
                                  images=not args.no_images)
-    log_options = LogOptions(color_by=args.color_by, map_threshold=args.map_threshold)
+    log_options = LogOptions(color_by=args.color_by, map_threshold=args.map_threshold,
+                             view_range=args.view_range or None)
     mode = "spawn" if args.spawn else "serve" if args.serve else "save"
     summary = visualize_drive(dataset, results=args.results, out=args.out, mode=mode, scenes=args.scenes,
                               max_samples=args.max_samples, frame_options=frame_options,

@@ -9,7 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["OBJECT_COLORS", "MAP_COLORS", "class_color", "colormap", "point_colors", "bev_map_image"]
+__all__ = ["OBJECT_COLORS", "MAP_COLORS", "GT_COLOR", "EGO_COLOR", "class_color", "colormap", "point_colors",
+           "bev_map_image"]
 
 # RGB, one per nuScenes detection class (our own palette: vehicles warm, people and cycles cool,
 # static objects grey and yellow).
@@ -25,6 +26,11 @@ OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
     "pedestrian": (0, 0, 230),
     "traffic_cone": (47, 79, 79),
 }
+
+# Ground truth is drawn thin in one neutral colour, predictions in their class colours: the two stay apart
+# in every panel. The ego marker is white.
+GT_COLOR: tuple[int, int, int] = (215, 215, 215)
+EGO_COLOR: tuple[int, int, int] = (255, 255, 255)
 
 MAP_COLORS: dict[str, tuple[int, int, int]] = {
     "drivable_area": (166, 206, 227),
@@ -83,8 +89,9 @@ def point_colors(points: np.ndarray, color_by: str = "height", height_range: tup
 def bev_map_image(masks: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> np.ndarray:
     """Composite (C, X, Y) BEV map masks or probabilities into one (X, Y, 3) uint8 RGB image.
 
-    Row r of the image is x index X-1-r (forward is up) and column c is y index Y-1-c (the ego's left
-    on the left), so the image reads like a map seen from above. A cell takes the colour of the last
+    Row r of the image is x index X-1-r and column c is y index Y-1-c, so with x forward and y left the
+    image reads like a map seen from above, forward up. Masks in the nuScenes LiDAR frame (x right,
+    y forward) must be turned onto the ego's axes first (`frames.BevCanvas.masks`). A cell takes the colour of the last
     class (in `classes` order) whose value is >= `threshold`; empty cells are dark grey.
     """
     masks = np.asarray(masks)

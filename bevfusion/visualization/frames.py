@@ -20,13 +20,74 @@ from bevfusion.utils.io import load_pickle
 from bevfusion.utils.logging import get_logger
 
 __all__ = ["CameraView", "Frame", "FrameOptions", "MapRasteriser", "load_results", "select_samples", "sample_scenes",
-           "load_frame", "BEV_XBOUND", "BEV_YBOUND"]
+           "load_frame", "BEV_XBOUND", "BEV_YBOUND", "BevCanvas", "bev_quarter_turns"]
 
 log = get_logger("visualization")
 
 # The official map grid: 200 x 200 cells of 0.5 m around the LiDAR (the masks_bev of the map head).
 BEV_XBOUND = (-50.0, 50.0, 0.5)
 BEV_YBOUND = (-50.0, 50.0, 0.5)
+
+# cos, sin of 0, 90, 180, 270 degrees, exactly
+_QUARTER_COS_SIN = ((1, 0), (0, 1), (-1, 0), (0, -1))
+
+
+def bev_quarter_turns(lidar2ego: np.ndarray) -> int:
+    """The quarter turns k (0-3) that turn the LiDAR's BEV axes closest onto the ego's (x forward, y left).
+
+    k = round(heading of the LiDAR x axis in the ego frame / 90°) mod 4: 3 for nuScenes' LIDAR_TOP, whose
+    x axis points to the ego's right (its y axis forward).
+    """
+    R = np.asarray(lidar2ego, dtype=np.float64)[:2, :2]
+    return int(np.round(np.arctan2(R[1, 0], R[0, 0]) / (np.pi / 2))) % 4
+
+
+@dataclass(frozen=True)
+class BevCanvas:
+    """The pixel grid of the BEV panels: the LiDAR-frame map grid of BEV_XBOUND / BEV_YBOUND turned by
+    `turns` quarter turns, so that the ego's forward axis is up and its left is on the left.
+
+    Turning by whole quarter turns keeps the map cells exact (no resampling); the LiDAR's mounting yaw
+    left over (about 0.1° on nuScenes) is not corrected. The display frame has axes (forward, left)
+    at the LiDAR origin: d = R(turns·90°) · (x, y)_lidar, pixel u (column) = (d_left,max - d_left) / cell,
+    v (row) = (d_fwd,max - d_fwd) / cell; the image spans [0, width] x [0, height] (rerun's pixel
+    convention: pixel (c, r) covers [c, c+1] x [r, r+1]).
+    """
+
+    turns: int = 0
+
+    @classmethod
+    def for_lidar(cls, lidar2ego: np.ndarray) -> "BevCanvas":
+        return cls(bev_quarter_turns(lidar2ego))
+
+    def rotation(self) -> np.ndarray:
+        """(2, 2) int: LiDAR-frame xy → display (forward, left)."""
+        c, s = _QUARTER_COS_SIN[self.turns % 4]
+        return np.array([[c, -s], [s, c]])
+
+    def _bounds(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """((fwd min, fwd max, cell), (left min, left max, cell)) of the turned grid."""
+        corners = np.array([[BEV_XBOUND[i], BEV_YBOUND[j]] for i in (0, 1) for j in (0, 1)]) @ self.rotation().T
+        cells = (BEV_XBOUND[2], BEV_YBOUND[2]) if self.turns % 2 == 0 else (BEV_YBOUND[2], BEV_XBOUND[2])
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        return (lo[0], hi[0], cells[0]), (lo[1], hi[1], cells[1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        fwd, left = self._bounds()
+        return int(round((left[1] - left[0]) / left[2])), int(round((fwd[1] - fwd[0]) / fwd[2]))
+
+    def pixels(self, xy: np.ndarray) -> np.ndarray:
+        """LiDAR-frame (..., 2) x, y in metres → (..., 2) float64 pixel (u, v) on the canvas."""
+        d = np.asarray(xy, dtype=np.float64) @ self.rotation().T
+        fwd, left = self._bounds()
+        return np.stack([(left[1] - d[..., 1]) / left[2], (fwd[1] - d[..., 0]) / fwd[2]], axis=-1)
+
+    def masks(self, masks: np.ndarray) -> np.ndarray:
+        """(C, X, Y) masks on the BEV_XBOUND / BEV_YBOUND grid → (C, F, L) masks on the display axes
+        (forward, left), ready for `colors.bev_map_image` (which puts forward up and left on the left)."""
+        return np.rot90(np.asarray(masks), self.turns % 4, axes=(1, 2))
 
 
 @dataclass
