@@ -43,10 +43,31 @@ def build_steps(data: Path, work: Path, config: Path, version: str) -> list[Step
         # no evaluation inside training: the next step evaluates the final checkpoint
         Step("train", "train.py", [str(config), "--work-dir", str(work), "--no-validate", *root], ckpt),
         Step("evaluate", "test.py", [str(config), str(ckpt), "--eval", "bbox", "map", "--out", str(results),
-                                     "--metrics-out", str(work / "metrics.json"), *root], None),
+                                     "--metrics-out", str(work / "metrics.json"),
+                                     "--summary", str(work / "summary.png"), *root], None),
         Step("visualize", "visualize.py",
              [str(config), "--results", str(results), "--out", str(work / "drive.rrd"), *root], None),
     ]
+
+
+def final_report(work: Path) -> str:
+    """The demo's closing lines: the metrics of the synthetic val split and where everything is."""
+    lines = []
+    metrics_file = work / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        nan = float("nan")
+        lines.append(f"synthetic val: mAP {m.get('object/map', nan):.4f}, NDS {m.get('object/nds', nan):.4f}, "
+                     f"car AP {m.get('object/car_ap', nan):.4f}, map mIoU {m.get('map/mean/iou@max', nan):.4f}")
+    rrd = work / "drive.rrd"
+    for label, path in (("all metrics", metrics_file), ("summary", work / "summary.png"),
+                        ("PR curves", work / "pr_curves"), ("checkpoint", work / "latest.pth"),
+                        ("results", work / "results.pkl"), ("recording", rrd)):
+        if path.exists():
+            lines.append(f"  {label + ':':<13} {path}")
+    if rrd.exists():
+        lines.append(f"  open the recording with: {Path(sys.executable).parent / 'rerun'} {rrd}")
+    return "\n".join(lines)
 
 
 @tool_main
@@ -83,16 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("step '%s' failed with exit code %d", step.name, proc.returncode)
             return proc.returncode
         log.info("[%d/%d] %s: done in %.0f s", i, len(steps), step.name, time.time() - start)
-    metrics_file = args.work_dir / "metrics.json"
-    if metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
-        nan = float("nan")
-        log.info("synthetic val: mAP %.4f, NDS %.4f, map mIoU %.4f (all metrics: %s)", m.get("object/map", nan),
-                 m.get("object/nds", nan), m.get("map/mean/iou@max", nan), metrics_file)
-    rrd = args.work_dir / "drive.rrd"
-    log.info("demo finished in %.0f s: checkpoint %s, results %s, recording %s (open it with: %s %s)",
-             time.time() - t0, args.work_dir / "latest.pth", args.work_dir / "results.pkl", rrd,
-             Path(sys.executable).parent / "rerun", rrd)
+    log.info("demo finished in %.0f s", time.time() - t0)
+    print(final_report(args.work_dir))
     return 0
 
 

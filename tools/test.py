@@ -7,12 +7,18 @@ devkit, BEV map IoU, the submission JSON, and/or the raw results.
     tools/test.py CONFIG CKPT --format-only --jsonfile-prefix submission/  # test split: JSON only
     tools/test.py CONFIG CKPT --eval bbox --drop-cameras all               # robustness: LiDAR only
     tools/test.py CONFIG CKPT --eval bbox --missing-sensors drop           # run on with missing files
+    tools/test.py CONFIG CKPT --eval bbox map --summary                    # + summary.png beside the checkpoint
 
 Official checkpoints load directly (sparse-conv weights are converted on the fly).
 
 Sensor dropout: --drop-cameras / --drop-lidar / --max-sweeps leave sensors out on purpose and
 --missing-sensors drop runs without files that do not exist (default: error). What was left out is
 counted per sample, printed, and written under "dropout" in --metrics-out.
+
+--summary writes one picture of the run (bevfusion.visualization.summary): the training losses of the
+`log.jsonl` beside the checkpoint, per-class AP and map IoU, the devkit's car PR curves and a bird's-eye
+view of a few samples (LiDAR, GT and predicted boxes, predicted map masks); with --eval bbox the devkit's
+PR / TP curves (PDF) go to `pr_curves/` beside it.
 
 Outputs are never written over the checkpoint or the config; an existing file that is not of the kind
 written here (a checkpoint given as --out, say) is replaced only with --force.
@@ -62,6 +68,9 @@ def _build_parser():
     parser.add_argument("--workers", type=int_at_least(0), default=None,
                         help="data-loader workers (default: config)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--summary", nargs="?", const="", default=None, metavar="PNG",
+                        help="write the summary picture (default path: summary.png in the folder of --out, else "
+                             "of the checkpoint); needs --eval")
     parser.add_argument("--force", action="store_true",
                         help="replace existing output files that are not results of this tool")
     drop = parser.add_argument_group("sensor dropout")
@@ -163,7 +172,47 @@ def _check_outputs(args) -> str | None:
         check_writable_output(folder, option=option, kind="submission folder", inputs=inputs, folder=True)
         check_writable_output(os.path.join(folder, "results_nusc.json"), option=option, kind="submission JSON",
                               inputs=inputs, force=args.force, accept=is_submission_json)
+    if args.summary is not None:
+        from bevfusion.visualization.summary import is_summary_png
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--summary needs matplotlib (pip install matplotlib)") from None
+        if not args.summary:
+            args.summary = os.path.join(os.path.dirname(os.path.abspath(args.out or args.checkpoint)), "summary.png")
+        check_writable_output(args.summary, option="--summary", kind="summary PNG", inputs=inputs, force=args.force,
+                              accept=is_summary_png)
+        inputs.append(args.summary)
+        if "bbox" in args.eval:
+            check_writable_output(_curves_dir(args), option="--summary (its pr_curves/ folder)",
+                                  kind="PR-curve folder", inputs=inputs, folder=True)
     return prefix
+
+
+def _curves_dir(args) -> str | None:
+    """The devkit's PR-curve folder: `pr_curves/` beside the summary picture (only with --summary and bbox)."""
+    if args.summary is None or "bbox" not in args.eval:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(args.summary)), "pr_curves")
+
+
+def _write_summary(args, records, dataset, metrics: Mapping[str, float]) -> None:
+    from bevfusion.visualization.frames import FrameOptions
+    from bevfusion.visualization.summary import summary_frames, write_summary
+
+    base = getattr(dataset, "dataset", dataset)
+    train_log = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "log.jsonl")
+    options = FrameOptions(sweeps_num=3, max_points=40_000, gt_maps=False, images=False)
+    frames = summary_frames(dataset, records, count=3, options=options)
+    title = f"{os.path.splitext(os.path.basename(args.config))[0]} ({os.path.basename(args.checkpoint)})"
+    path = write_summary(args.summary, frames=frames, object_classes=base.object_classes,
+                         map_classes=base.map_classes, log_jsonl=train_log if os.path.isfile(train_log) else None,
+                         metrics=metrics, pr_curves=_curves_dir(args), score_threshold=options.score_threshold,
+                         title=title)
+    print(f"summary: {path}")
+    if _curves_dir(args):
+        print(f"PR curves: {_curves_dir(args)}")
 
 
 def _check_eval_set_version(eval_set: str | None, base) -> None:
@@ -268,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to do: give --eval, --out and/or --format-only")
     if args.metrics_out and not args.eval:
         parser.error("--metrics-out needs --eval")
+    if args.summary is not None and not args.eval:
+        parser.error("--summary needs --eval (bbox and/or map)")
     _check_request(args, cfg)
     prefix = _check_outputs(args)
     overrides = _dropout_overrides(args, cfg.data[args.split])
@@ -324,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         if "bbox" in args.eval:
             _check_predictions(records)
-        metrics = evaluate_results(records, dataset, args.eval, eval_set=args.eval_set, jsonfile_prefix=prefix)
+        metrics = evaluate_results(records, dataset, args.eval, eval_set=args.eval_set, jsonfile_prefix=prefix,
+                                   curves_dir=_curves_dir(args))
         for key, value in metrics.items():
             if "@" not in key or key.endswith("@max"):
                 print(f"{key}: {value:.4f}")
@@ -338,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             out["dropout"] = dropout
         atomic_write_text(args.metrics_out, json.dumps(out, indent=1))
         log.info("metrics written to %s", args.metrics_out)
+    if args.summary is not None:
+        _write_summary(args, records, dataset, metrics)
     return 0
 
 

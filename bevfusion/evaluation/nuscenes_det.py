@@ -104,8 +104,13 @@ def write_submission(submission: Mapping[str, Any], path: str | os.PathLike) -> 
 
 def evaluate_detection(result_path: str | os.PathLike, dataroot: str | os.PathLike, version: str,
                        eval_set: str, output_dir: str | os.PathLike, verbose: bool = False,
-                       nusc=None) -> dict[str, Any]:
+                       nusc=None, curves_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the devkit's DetectionEval (detection_cvpr_2019) and return its metrics summary.
+
+    With `curves_dir`, the devkit also renders its PR and TP curves (`render_curves`, no example
+    samples), and `curves_dir` receives them as PDFs (`summary.pdf`, `<class>_pr.pdf`, `<class>_tp.pdf`,
+    `dist_pr_<threshold>.pdf`) with the `metrics_summary.json` / `metrics_details.json` they were drawn
+    from (`bevfusion.visualization.summary` draws the car curves from those), each written atomically.
 
     Returns the devkit's `metrics_summary` dict: `mean_ap`, `nd_score`, `tp_errors`,
     `label_aps` (per class and distance threshold), `mean_dist_aps`, `label_tp_errors`, ...
@@ -147,7 +152,19 @@ def evaluate_detection(result_path: str | os.PathLike, dataroot: str | os.PathLi
                 kept.add_boxes(token, full[token])
             setattr(evaluator, name, kept)
         evaluator.sample_tokens = evaluator.gt_boxes.sample_tokens
-    return evaluator.main(plot_examples=0, render_curves=False)
+    summary = evaluator.main(plot_examples=0, render_curves=curves_dir is not None)
+    if curves_dir is not None:
+        _copy_curves(Path(evaluator.plot_dir), Path(output_dir), Path(curves_dir))
+    return summary
+
+
+def _copy_curves(plot_dir: Path, output_dir: Path, curves_dir: Path) -> None:
+    """The devkit's plots and the metrics files behind them, into `curves_dir` (atomically, file by file)."""
+    from bevfusion.utils.io import atomic_write_bytes
+
+    files = sorted(plot_dir.glob("*.pdf")) + [output_dir / "metrics_summary.json", output_dir / "metrics_details.json"]
+    for path in files:
+        atomic_write_bytes(curves_dir / path.name, path.read_bytes(), fsync=False)
 
 
 def summary_table(metrics: Mapping[str, Any]) -> str:

@@ -76,12 +76,14 @@ def gather_results(records: list[dict[str, Any]], size: int | None = None) -> li
 
 def evaluate_results(records: Sequence[Mapping[str, Any]], dataset, metrics: Sequence[str] = ("bbox", "map"),
                      out_dir: str | os.PathLike | None = None, eval_set: str | None = None,
-                     jsonfile_prefix: str | os.PathLike | None = None) -> dict[str, float]:
+                     jsonfile_prefix: str | os.PathLike | None = None,
+                     curves_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """nuScenes detection metrics (`bbox`) and/or map IoU (`map`) for records of `dataset`.
 
     `dataset` is a NuScenesDataset (or a wrapper exposing one as `.dataset`) that supplies the infos,
     classes, modality, version and root. The submission JSON is written to
-    `<jsonfile_prefix>/results_nusc.json` (default: a folder in `out_dir` or a temp dir).
+    `<jsonfile_prefix>/results_nusc.json` (default: a folder in `out_dir` or a temp dir). With `curves_dir`
+    the devkit's PR / TP curves go there (`evaluate_detection`).
     """
     base = getattr(dataset, "dataset", dataset)
     by_token = {info["token"]: info for info in base.data_infos}
@@ -100,7 +102,8 @@ def evaluate_results(records: Sequence[Mapping[str, Any]], dataset, metrics: Seq
         log.info("submission written to %s", result_path)
         version = base.version or "v1.0-trainval"
         eval_set = eval_set or {"v1.0-mini": "mini_val", "v1.0-trainval": "val"}.get(version, "val")
-        summary = evaluate_detection(result_path, base.dataset_root, version, eval_set, folder / "eval")
+        summary = evaluate_detection(result_path, base.dataset_root, version, eval_set, folder / "eval",
+                                     curves_dir=curves_dir)
         log.info("detection results\n%s", summary_table(summary))
         out["object/map"] = float(summary["mean_ap"])
         out["object/nds"] = float(summary["nd_score"])

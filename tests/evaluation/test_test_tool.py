@@ -34,8 +34,12 @@ def test_test_tool_writes_results_submission_and_metrics(converted, tmp_path, ca
     torch.save({"state_dict": build_model(load_config(CONFIG, overrides).model).state_dict()}, ckpt)
     out, metrics_file = tmp_path / "results.pkl", tmp_path / "metrics.json"
     rc = _tool("test").main([str(CONFIG), str(ckpt), "--eval", "bbox", "map", "--out", str(out),
-                             "--metrics-out", str(metrics_file), "--set", *overrides])
+                             "--metrics-out", str(metrics_file), "--summary", "--set", *overrides])
     assert rc == 0
+    # --summary: summary.png beside --out, the devkit's PR curves (and the metrics behind them) beside it
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("car_pr.pdf", "summary.pdf", "metrics_details.json", "metrics_summary.json"):
+        assert (tmp_path / "pr_curves" / name).is_file(), name
     printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines()
                    if line.startswith(("object/", "map/")))
     metrics = json.loads(metrics_file.read_text())
