@@ -555,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="small synthetic inputs for CPU checks (128x352 images, 2 sparse sweeps)")
     parser.add_argument("--json", type=Path, default=None, help="write the shared benchmark JSON here")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                        help="config overrides, e.g. model.encoders.lidar.backbone.impl=triton_igemm")
+                        help="config overrides, e.g. model.encoders.lidar.backbone.dataflow=igemm")
     args = parser.parse_args(argv)
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]

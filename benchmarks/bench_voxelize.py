@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonReport, Row, cuda_peak_mib, device_name, one_line, time_fn  # noqa: E402
 
 from bevfusion.ops.voxelize import dynamic_voxelize, voxel_mean, voxelize, voxelize_mean  # noqa: E402
-from bevfusion.ops.voxelize import cpu as vox_cpu  # noqa: E402
+from bevfusion.ops.voxelize import sort_based as vox_sort  # noqa: E402
 
 VOXEL = (0.075, 0.075, 0.2)
 RANGE = (-54.0, -54.0, -5.0, 54.0, 54.0, 3.0)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 failed.append("naive loop")
                 report.skip("naive loop (impl=reference)", f"failed: {one_line(e)}")
-        row(rows, "torch sort", lambda: vox_cpu.hard_voxelize_sorted(points, VOXEL, RANGE, max_points, max_voxels),
+        row(rows, "torch sort", lambda: vox_sort.hard_voxelize_sorted(points, VOXEL, RANGE, max_points, max_voxels),
             expect=ours)
         row(rows, "ours (impl=auto)", lambda: voxelize(points, VOXEL, RANGE, max_points, max_voxels), expect=ours)
         row(rows, "ours + voxel_mean",

@@ -1,4 +1,17 @@
-"""Choosing an op's implementation: every op has a reference, a CPU path and a Triton path."""
+"""Choosing an op's implementation: one vocabulary for every op.
+
+Every op takes `impl`, one of `BACKENDS`:
+
+  "auto"       "triton" for CUDA tensors, "cpu" otherwise
+  "reference"  slow, obvious torch / Python (the tests' oracle), any device
+  "cpu"        the CPU fast path (numba kernels, or torch ops on CPU tensors); CPU tensors only
+  "triton"     the GPU path (Triton kernels and the torch glue around them); CUDA tensors, or CPU
+               tensors under TRITON_INTERPRET=1 (the tests)
+
+An op with several algorithms per backend names them with a separate argument (the sparse conv's
+`dataflow`), never with more `impl` names. No backend stands in for another: an impl that cannot run on
+the given tensors raises ValueError, naming the op and the accepted names.
+"""
 from __future__ import annotations
 
 import os
@@ -6,10 +19,12 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["resolve_impl", "has_numba", "numba_jit"]
+__all__ = ["BACKENDS", "resolve_impl"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
-def resolve_impl(op: str, impl: str, device: torch.device, impls: Sequence[str]) -> str:
+def resolve_impl(op: str, impl: str, device: torch.device, impls: Sequence[str] = BACKENDS) -> str:
     """Check `impl` against `impls` and the tensors' device; "auto" means Triton on CUDA, else CPU.
 
     Triton on CPU tensors runs only under the interpreter (TRITON_INTERPRET=1, as the tests set it).
@@ -27,21 +42,3 @@ def resolve_impl(op: str, impl: str, device: torch.device, impls: Sequence[str])
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}: impl='triton' supports CUDA tensors, got {device}")
     return impl
-
-
-def has_numba() -> bool:
-    try:
-        import numba  # noqa: F401  (only whether it imports)
-    except ImportError:
-        return False
-    return True
-
-
-def numba_jit(fn):
-    """`numba.njit(cache=True, nogil=True)(fn)`: compiled on first call and cached on disk. Without
-    numba the function stays plain Python (the ops check `has_numba` before picking these paths)."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
-        return fn
-    return numba.njit(cache=True, nogil=True)(fn)

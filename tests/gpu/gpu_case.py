@@ -45,15 +45,17 @@ def device_under_test() -> torch.device:
     return device
 
 
-def sparse_impl_for(device: torch.device) -> str:
-    """The sparse-conv dataflow on the device under test.
+def sparse_impl_for(device: torch.device) -> dict[str, str]:
+    """The sparse-conv backend and dataflow on the device under test, as keyword arguments (impl, dataflow).
 
-    On CUDA a fixed Triton dataflow: "auto" would autotune every layer signature on first use (tens of kernel
-    compilations, too slow for a short GPU check; the tuner's candidates have their own tests). On the CPU (dry
-    run) the default rule ("auto"; the "gather" dataflow, which would sum in another order, fails under fp16
-    autocast: `index_add_` of an fp16 product into an fp32 output).
+    On CUDA a fixed Triton dataflow (implicit GEMM): "auto" would autotune every layer signature on first use
+    (tens of kernel compilations, too slow for a short GPU check; the tuner's candidates have their own tests).
+    On the CPU (dry run) the default rule ("auto"; the "gather" dataflow, which would sum in another order, fails
+    under fp16 autocast: `index_add_` of an fp16 product into an fp32 output).
     """
-    return "triton_igemm" if device.type == "cuda" else "auto"
+    if device.type == "cuda":
+        return {"impl": "triton", "dataflow": "igemm"}
+    return {"impl": "auto", "dataflow": "auto"}
 
 
 @contextlib.contextmanager
@@ -98,10 +100,10 @@ def calibrate_batchnorm(model: torch.nn.Module, batch: dict) -> None:
         m.momentum = momentum
 
 
-def set_sparse_impl(model: torch.nn.Module, impl: str) -> None:
+def set_sparse_impl(model: torch.nn.Module, impl: str, dataflow: str = "auto") -> None:
     for m in model.modules():
         if hasattr(m, "impl") and isinstance(m.impl, str) and hasattr(m, "kernel_size"):
-            m.impl = impl
+            m.impl, m.dataflow = impl, dataflow
 
 
 def _rot_z(a: float) -> np.ndarray:

@@ -72,7 +72,7 @@ def case(device):
 
 def _device_model(case, device):
     model = gc.move_model(case.model, device)
-    gc.set_sparse_impl(model, gc.sparse_impl_for(device))
+    gc.set_sparse_impl(model, **gc.sparse_impl_for(device))
     return model
 
 

@@ -147,8 +147,8 @@ def test_sparse_encoder_backward(device):
                   encoder_channels=[[8, 16], [16, 32], [32, 64], [64]],
                   encoder_paddings=[[0, 1], [0, 1], [0, [1, 1, 0]], [0]], block_type="basicblock")
     torch.manual_seed(67)
-    ref_model = SparseEncoder(**kwargs, impl="gather").double().train()
-    model = SparseEncoder(**kwargs, impl=gc.sparse_impl_for(device)).to(device).train()
+    ref_model = SparseEncoder(**kwargs, impl="cpu", dataflow="gather").double().train()
+    model = SparseEncoder(**kwargs, **gc.sparse_impl_for(device)).to(device).train()
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref_model.state_dict().items()})
 
     f64 = feats.double().requires_grad_()

@@ -3,8 +3,8 @@
 training samples (one iteration of two) and two validation samples.
 
 On CUDA the config's defaults apply: fp16 autocast with a dynamic GradScaler in training, fp16 autocast in
-inference. The sparse encoder uses one fixed Triton dataflow (`impl=triton_igemm`): the default ("auto")
-autotunes each layer on first use, which would spend the short GPU check on kernel compilation.
+inference. The sparse encoder uses one fixed Triton dataflow (`impl=triton`, `dataflow=igemm`): the default
+("auto") autotunes each layer on first use, which would spend the short GPU check on kernel compilation.
 
 Converting the drive to info files and loading its map masks needs nuscenes-devkit and shapely; without them the
 tests skip, saying which import failed.
@@ -76,8 +76,8 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _overrides(drive) -> list[str]:
-    return [f"dataset_root={drive.root}/", "data.workers_per_gpu=0",
-            f"+model.encoders.lidar.backbone.impl={gc.sparse_impl_for(drive.device)}"]
+    return [f"dataset_root={drive.root}/", "data.workers_per_gpu=0"] + [
+        f"+model.encoders.lidar.backbone.{key}={value}" for key, value in gc.sparse_impl_for(drive.device).items()]
 
 
 @pytest.fixture(scope="module")

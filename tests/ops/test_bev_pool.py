@@ -131,12 +131,14 @@ class TestBevPool:
         bev_pool(feats.float(), coords, b, grid)
         assert calls == ["cpu"]
 
-    def test_without_numba_falls_back_to_torch(self, monkeypatch):
-        monkeypatch.setattr(bp, "_cpu_module", lambda: None)
+    @pytest.mark.parametrize("impl", ["torch", "numba", "gather"])
+    def test_unknown_impl_names_the_op_and_the_choices(self, impl):
         feats, coords, b, grid = make_case("random", torch.Generator().manual_seed(7))
-        feats = feats.float().requires_grad_()
-        out = bev_pool(feats, coords, b, grid, impl="cpu")
-        assert_matches(out, bev_pool_reference(feats.double(), coords, b, grid), torch.float32)
+        match = r"impl must be one of \('auto', 'reference', 'cpu', 'triton'\), got '" + impl + "'"
+        with pytest.raises(ValueError, match="bev_pool: " + match):
+            bev_pool(feats.float(), coords, b, grid, impl=impl)
+        with pytest.raises(ValueError, match="bev_pool_plan: " + match):
+            bev_pool_plan(coords, b, grid, impl=impl)
 
 
 class TestPlan:
@@ -169,12 +171,11 @@ class TestPlan:
         assert torch.all(lengths[1:] <= lengths[:-1])
 
     @pytest.mark.parametrize("case", CASES)
-    def test_torch_sort_path_matches_counting_sort(self, monkeypatch, case):
-        # The torch path is what CUDA coords take.
+    def test_torch_sort_path_matches_counting_sort(self, case):
+        # The torch build is what CUDA coords take (impl "triton"), and the reference's.
         _, coords, b, grid = make_case(case, torch.Generator().manual_seed(9))
-        fast = bev_pool_plan(coords, b, grid)
-        monkeypatch.setattr(bp.plan, "_numba_available", lambda: False)
-        slow = bev_pool_plan(coords, b, grid)
+        fast = bev_pool_plan(coords, b, grid, impl="cpu")
+        slow = bev_pool_plan(coords, b, grid, impl="reference")
         for name in ("order", "ranks", "point_cells", "interval_starts", "interval_lengths", "interval_cells",
                      "cell_ptr", "launch_cells"):
             assert torch.equal(getattr(fast, name), getattr(slow, name)), name

@@ -566,21 +566,3 @@ class TestGpu:
         got32 = points_in_boxes(pts.float().cuda(), boxes.float().cuda()).cpu()
         near = face_margin(pts.float()[:5000], boxes.float()) < 1e-4
         assert torch.equal(got32[:5000][~near], exp[:5000][~near])
-
-
-def test_cpu_without_numba_falls_back_to_reference(monkeypatch):
-    import bevfusion.ops.boxes as boxes_mod
-
-    gen = torch.Generator().manual_seed(15)
-    boxes, scores = rand_boxes(12, gen, spread=2.0), torch.rand(12, generator=gen)
-    pts = torch.randn(50, 3, generator=gen, dtype=torch.float64) * 2
-    expected = (rotated_iou_bev(boxes, boxes), nms_bev(boxes, scores, 0.1), circle_nms(boxes, scores, 1.0),
-                points_in_boxes(pts, boxes), rotated_intersection_bev(boxes, boxes))
-    monkeypatch.setattr(boxes_mod, "_has_numba", lambda: False)
-    got = (rotated_iou_bev(boxes, boxes, impl="cpu"), nms_bev(boxes, scores, 0.1, impl="cpu"),
-           circle_nms(boxes, scores, 1.0, impl="cpu"), points_in_boxes(pts, boxes, impl="cpu"),
-           rotated_intersection_bev(boxes, boxes, impl="cpu"))
-    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(got[4], expected[4], rtol=0, atol=1e-12)
-    assert got[1].tolist() == expected[1].tolist() and got[2].tolist() == expected[2].tolist()
-    assert torch.equal(got[3], expected[3])

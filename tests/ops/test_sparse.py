@@ -1,4 +1,6 @@
 """Sparse conv engine vs dense conv3d (float64), case by case, on CPU dataflows."""
+import threading
+
 import pytest
 import torch
 
@@ -8,7 +10,9 @@ from bevfusion.ops.sparse import (SparseTensor, build_conv_kmap, build_subm_kmap
 from bevfusion.ops.sparse import nn as snn
 from bevfusion.ops.sparse.reference import dense_conv, dense_inverse_conv
 
-CPU_IMPLS = ["gather", "im2col", "reference", "auto"]
+# (impl, dataflow) pairs that run on CPU tensors without the Triton interpreter
+CPU_IMPLS = [("cpu", "gather"), ("cpu", "im2col"), ("reference", "auto"), ("auto", "auto")]
+CPU_DATAFLOWS = ["gather", "im2col"]  # of impl="cpu"
 
 # (kernel_size, stride, padding, dilation) for SparseConv3d / SparseInverseConv3d
 CONV_CASES = [
@@ -51,24 +55,24 @@ def _sort_rows(coords, feats):
     return coords[o].long(), feats[o]
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl,dataflow", CPU_IMPLS)
 @pytest.mark.parametrize("ks,dil", SUBM_CASES)
-def test_subm_vs_dense(impl, ks, dil):
+def test_subm_vs_dense(impl, dataflow, ks, dil):
     x = random_tensor()
     w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
     b = torch.randn(4, dtype=torch.float64)
-    y = subm_conv3d(x, w, ks, dil, bias=b, impl=impl)
+    y = subm_conv3d(x, w, ks, dil, bias=b, impl=impl, dataflow=dataflow)
     rc, rf, _ = dense_conv(x, w, ks, dilation=dil, subm=True, bias=b)
     assert torch.equal(y.coords, x.coords)
     torch.testing.assert_close(y.feats, rf, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl,dataflow", CPU_IMPLS)
 @pytest.mark.parametrize("ks,st,pad,dil", CONV_CASES)
-def test_sparse_conv_vs_dense(impl, ks, st, pad, dil):
+def test_sparse_conv_vs_dense(impl, dataflow, ks, st, pad, dil):
     x = random_tensor()
     w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
-    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl)
+    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl, dataflow=dataflow)
     rc, rf, oshape = dense_conv(x, w, ks, st, pad, dil)
     assert y.spatial_shape == oshape
     assert torch.equal(y.coords.long(), rc)  # active sites and their (b, x, y, z) order
@@ -77,54 +81,54 @@ def test_sparse_conv_vs_dense(impl, ks, st, pad, dil):
     assert y.stride == st3 and y.batch_size == x.batch_size
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl,dataflow", CPU_IMPLS)
 @pytest.mark.parametrize("ks,st,pad,dil", CONV_CASES)
-def test_inverse_conv_vs_dense(impl, ks, st, pad, dil):
+def test_inverse_conv_vs_dense(impl, dataflow, ks, st, pad, dil):
     x = random_tensor()
     w = torch.randn(_vol(ks), 3, 4, dtype=torch.float64)
-    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl)
+    y = sparse_conv3d(x, w, ks, st, pad, dil, impl=impl, dataflow=dataflow)
     w2 = torch.randn(_vol(ks), 4, 2, dtype=torch.float64)
-    z = sparse_inverse_conv3d(y, w2, ks, st, pad, dil, impl=impl)
+    z = sparse_inverse_conv3d(y, w2, ks, st, pad, dil, impl=impl, dataflow=dataflow)
     assert torch.equal(z.coords, x.coords) and z.spatial_shape == x.spatial_shape and z.stride == x.stride
     ref = dense_inverse_conv(y, w2, ks, st, pad, dil, x.coords, x.spatial_shape)
     torch.testing.assert_close(z.feats, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["gather", "im2col"])
+@pytest.mark.parametrize("dataflow", CPU_DATAFLOWS)
 @pytest.mark.parametrize("kind", ["subm", "conv", "conv_aniso", "inverse"])
-def test_gradcheck(impl, kind):
+def test_gradcheck(dataflow, kind):
     x = random_tensor(shape=(4, 4, 3), batch=2, density=0.35, cin=2, empty=())
     g = torch.Generator().manual_seed(1)
     if kind == "subm":
         w = torch.randn(27, 2, 3, dtype=torch.float64, generator=g)
 
         def f(feats, weight):
-            return subm_conv3d(x.replace_feature(feats), weight, 3, impl=impl).feats
+            return subm_conv3d(x.replace_feature(feats), weight, 3, impl="cpu", dataflow=dataflow).feats
     elif kind in ("conv", "conv_aniso"):
         ks, st, pad = (3, 2, 1) if kind == "conv" else ((1, 1, 3), (1, 1, 2), 0)
         w = torch.randn(_vol(ks), 2, 3, dtype=torch.float64, generator=g)
 
         def f(feats, weight):
-            return sparse_conv3d(x.replace_feature(feats), weight, ks, st, pad, impl=impl).feats
+            return sparse_conv3d(x.replace_feature(feats), weight, ks, st, pad, impl="cpu", dataflow=dataflow).feats
     else:
         y = sparse_conv3d(x, torch.randn(27, 2, 3, dtype=torch.float64, generator=g), 3, 2, 1)
         x = y
         w = torch.randn(27, 3, 2, dtype=torch.float64, generator=g)
 
         def f(feats, weight):
-            return sparse_inverse_conv3d(y.replace_feature(feats), weight, 3, 2, 1, impl=impl).feats
+            return sparse_inverse_conv3d(y.replace_feature(feats), weight, 3, 2, 1, impl="cpu", dataflow=dataflow).feats
     feats = x.feats.clone().requires_grad_()
     w.requires_grad_()
     # full Jacobians for one case, random projections (fast mode) for the rest, to keep CI short
-    assert torch.autograd.gradcheck(f, (feats, w), fast_mode=not (kind == "subm" and impl == "gather"))
+    assert torch.autograd.gradcheck(f, (feats, w), fast_mode=not (kind == "subm" and dataflow == "gather"))
 
 
-@pytest.mark.parametrize("impl", ["gather", "im2col"])
-def test_grads_vs_dense_autograd(impl):
+@pytest.mark.parametrize("dataflow", CPU_DATAFLOWS)
+def test_grads_vs_dense_autograd(dataflow):
     x = random_tensor(cin=3)
     w = torch.randn(27, 3, 4, dtype=torch.float64, requires_grad=True)
     feats = x.feats.clone().requires_grad_()
-    y = sparse_conv3d(x.replace_feature(feats), w, 3, 2, 1, impl=impl)
+    y = sparse_conv3d(x.replace_feature(feats), w, 3, 2, 1, impl="cpu", dataflow=dataflow)
     gy = torch.randn_like(y.feats)
     (y.feats * gy).sum().backward()
     # dense twin: conv3d on the scattered grid, loss only at the active output sites
@@ -138,26 +142,77 @@ def test_grads_vs_dense_autograd(impl):
     torch.testing.assert_close(w.grad, wd.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_threads_race_free():
-    """Our CPU conv must give the dense answer at any thread count (spconv CPU does not)."""
-    x = random_tensor(shape=(16, 16, 8), batch=2, density=0.2, cin=16, empty=(), dtype=torch.float32)
+def _dense_twin(x, w, stride, padding, coords_out, grad):
+    """Dense conv3d of x's scattered grid read at `coords_out`, and its weight gradient for `grad` (float64)."""
+    wd = w.detach().double().requires_grad_()
+    dense = x.replace_feature(x.feats.double()).dense()
+    out = torch.nn.functional.conv3d(dense, to_conv3d(wd, (3, 3, 3)), None, stride, padding)
+    c = coords_out.long()
+    y = out[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]]
+    (y * grad).sum().backward()
+    return y.detach(), wd.grad
+
+
+def test_threads_race_free(monkeypatch):
+    """Our CPU convs give the dense answer at any thread count (spconv CPU does not), also when several
+    Python threads run convs at once on one input (shared kernel-map cache and lazily built tables), and
+    never touch torch's global thread count."""
+    from bevfusion.ops.sparse.dataflows import BLOCK_ROWS
+
+    x = random_tensor(shape=(32, 32, 16), batch=2, density=0.3, cin=16, empty=(), dtype=torch.float32)
+    # enough im2col blocks for 4 threads of at least 4 blocks each, in both convs
+    assert len(build_subm_kmap(x, 3).sorted_blocks(BLOCK_ROWS)[1]) >= 16
+    assert len(build_conv_kmap(x, 3, 2, 1)[0].sorted_blocks(BLOCK_ROWS)[1]) >= 16
     w = torch.randn(27, 16, 16)
-    xd = x.replace_feature(x.feats.double())
-    ref_sub = dense_conv(xd, w.double(), 3, subm=True)[1]
-    rc, ref_conv, _ = dense_conv(xd, w.double(), 3, 2, 1)
+    g = torch.Generator().manual_seed(4)
+    gy_sub = torch.randn(x.coords.shape[0], 16, generator=g, dtype=torch.float64)
+    ref_sub, ref_gw_sub = _dense_twin(x, w, 1, 1, x.coords, gy_sub)
+    rc, _, _ = dense_conv(x.replace_feature(x.feats.double()), w.double(), 3, 2, 1)
+    gy_conv = torch.randn(rc.shape[0], 16, generator=g, dtype=torch.float64)
+    ref_conv, ref_gw_conv = _dense_twin(x, w, 2, 1, rc, gy_conv)
+
+    def check(shared, dataflow):
+        ws = w.clone().requires_grad_()
+        y = subm_conv3d(shared, ws, 3, impl="cpu", dataflow=dataflow)
+        torch.testing.assert_close(y.feats.double(), ref_sub, rtol=1e-4, atol=1e-4)
+        (y.feats.double() * gy_sub).sum().backward()
+        torch.testing.assert_close(ws.grad.double(), ref_gw_sub, rtol=1e-4, atol=1e-3)
+        wc = w.clone().requires_grad_()
+        z = sparse_conv3d(shared, wc, 3, 2, 1, impl="cpu", dataflow=dataflow)
+        assert torch.equal(z.coords.long(), rc)
+        torch.testing.assert_close(z.feats.double(), ref_conv, rtol=1e-4, atol=1e-4)
+        (z.feats.double() * gy_conv).sum().backward()
+        torch.testing.assert_close(wc.grad.double(), ref_gw_conv, rtol=1e-4, atol=1e-3)
+
     old = torch.get_num_threads()
+    calls = []
     try:
         for nt in (2, 4):
             torch.set_num_threads(nt)
-            for _ in range(2):
-                for impl in ("gather", "im2col"):
-                    y = subm_conv3d(x, w, 3, impl=impl)
-                    torch.testing.assert_close(y.feats.double(), ref_sub, rtol=1e-4, atol=1e-4)
-                    fresh = SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2)
-                    z = sparse_conv3d(fresh, w, 3, 2, 1, impl=impl)
-                    torch.testing.assert_close(z.feats.double(), ref_conv, rtol=1e-4, atol=1e-4)
+            with monkeypatch.context() as m:
+                m.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+                for dataflow in CPU_DATAFLOWS:
+                    check(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2), dataflow)
+                    shared = SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2)
+                    errors = []
+
+                    def worker():
+                        try:
+                            for _ in range(2):
+                                check(shared, dataflow)
+                        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                            errors.append(e)
+
+                    threads = [threading.Thread(target=worker) for _ in range(4)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    assert not errors, errors[0]
+            assert torch.get_num_threads() == nt
     finally:
         torch.set_num_threads(old)
+    assert calls == [], "a conv changed torch's global thread count"
 
 
 def test_duplicate_coords_rejected():
@@ -175,10 +230,10 @@ def test_out_of_range_rejected():
 def test_empty_tensor():
     x = SparseTensor(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32), (5, 5, 5),
                      batch_size=2)
-    for impl in ("gather", "im2col"):
-        y = subm_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, impl=impl)
+    for dataflow in CPU_DATAFLOWS:
+        y = subm_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, impl="cpu", dataflow=dataflow)
         assert y.feats.shape == (0, 4)
-        z = sparse_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, 2, 1, impl=impl)
+        z = sparse_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, 2, 1, impl="cpu", dataflow=dataflow)
         assert z.feats.shape == (0, 4) and z.spatial_shape == (3, 3, 3)
         assert z.dense().shape == (2, 4, 3, 3, 3)
 
@@ -268,34 +323,105 @@ def _pairs_by_offset(km):
     return out
 
 
+KMAP_IMPLS = ["reference", "cpu", "triton"]
+
+
+def _fresh(x, impl, check=True):
+    """x's sites in a new SparseTensor (its own map cache) on the device `impl` runs on in this session:
+    CUDA for "triton" when there is a GPU (CPU tensors take "triton" only under the interpreter)."""
+    dev = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    return SparseTensor(x.feats.to(dev), x.coords.to(dev), x.spatial_shape, batch_size=x.batch_size, check=check)
+
+
 @pytest.mark.parametrize("ks,dil", [(3, 1), ((1, 3, 5), 2), ((3, 1, 3), 1)])
-def test_subm_kmap_numba_equals_torch(ks, dil):
+def test_subm_kmap_backends_equal_reference(ks, dil):
+    """numba hash table ("cpu") and sort + searchsorted ("triton") against the Python loop ("reference")."""
     x = random_tensor(shape=(9, 7, 6), batch=3, density=0.3)
-    a = build_subm_kmap(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=3), ks, dil, impl="numba")
-    b = build_subm_kmap(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=3), ks, dil, impl="torch")
-    assert a.ptr == b.ptr
-    for u, v in zip(_pairs_by_offset(a), _pairs_by_offset(b)):
-        assert torch.equal(u, v)
+    ref = build_subm_kmap(_fresh(x, "reference"), ks, dil, impl="reference")
+    assert ref.num_pairs > x.coords.shape[0]  # more than the centre offset
+    for impl in ("cpu", "triton"):
+        km = _kmap_to_cpu(build_subm_kmap(_fresh(x, impl), ks, dil, impl=impl))
+        assert km.ptr == ref.ptr, impl
+        for u, v in zip(_pairs_by_offset(ref), _pairs_by_offset(km)):
+            assert torch.equal(u, v), impl
 
 
 @pytest.mark.parametrize("ks,st,pad,dil", CONV_CASES)
-def test_conv_kmap_numba_equals_torch(ks, st, pad, dil):
+def test_conv_kmap_backends_equal_reference(ks, st, pad, dil):
     x = random_tensor(shape=(9, 7, 6), batch=3, density=0.3)
-    ka, ca, sa, _ = build_conv_kmap(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=3), ks, st, pad, dil,
-                                    impl="numba")
-    kb, cb, sb, _ = build_conv_kmap(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=3), ks, st, pad, dil,
-                                    impl="torch")
-    assert sa == sb and torch.equal(ca, cb) and ka.ptr == kb.ptr
-    for u, v in zip(_pairs_by_offset(ka), _pairs_by_offset(kb)):
-        assert torch.equal(u, v)
+    kr, cr, sr, _ = build_conv_kmap(_fresh(x, "reference"), ks, st, pad, dil, impl="reference")
+    for impl in ("cpu", "triton"):
+        ka, ca, sa, _ = build_conv_kmap(_fresh(x, impl), ks, st, pad, dil, impl=impl)
+        ka = _kmap_to_cpu(ka)
+        assert sa == sr and torch.equal(ca.cpu(), cr) and ka.ptr == kr.ptr, impl
+        for u, v in zip(_pairs_by_offset(kr), _pairs_by_offset(ka)):
+            assert torch.equal(u, v), impl
 
 
-@pytest.mark.parametrize("impl", ["numba", "torch"])
+@pytest.mark.parametrize("impl", KMAP_IMPLS)
 def test_duplicates_caught_by_kmap_without_check(impl):
     c = torch.tensor([[0, 1, 1, 1], [1, 2, 1, 1], [0, 1, 1, 1]], dtype=torch.int32)
-    x = SparseTensor(torch.zeros(3, 2), c, (4, 4, 4), check=False)
+    x = _fresh(SparseTensor(torch.zeros(3, 2), c, (4, 4, 4), check=False), impl, check=False)
     with pytest.raises(ValueError, match="duplicate"):
         build_subm_kmap(x, 3, impl=impl)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: build_subm_kmap(x, 3, impl="numba"),
+    lambda x: build_conv_kmap(x, 3, 2, 1, impl="torch"),
+])
+def test_kmap_rejects_unknown_impl(call):
+    with pytest.raises(ValueError, match=r"kernel map: impl must be one of \('auto', 'reference', 'cpu', 'triton'\)"):
+        call(random_tensor())
+
+
+@pytest.mark.parametrize("impl,dataflow,match", [
+    ("torch", "auto", r"sparse conv: impl must be one of \('auto', 'reference', 'cpu', 'triton'\), got 'torch'"),
+    ("gather", "auto", r"impl must be one of .*got 'gather'"),
+    ("triton_igemm", "auto", r"impl must be one of .*got 'triton_igemm'"),
+    ("cpu", "implicit",
+     r"unknown dataflow 'implicit'; dataflows per impl: auto: .*cpu: \('auto', 'gather', 'im2col'\)"),
+    ("cpu", "igemm", r"impl='cpu' has no dataflow 'igemm'"),
+    ("reference", "gather", r"impl='reference' has no dataflow 'gather'"),
+    ("triton", "im2col", r"impl='triton' has no dataflow 'im2col'"),
+])
+def test_conv_rejects_unknown_names(impl, dataflow, match):
+    x = random_tensor()
+    w = torch.randn(27, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        subm_conv3d(x, w, 3, impl=impl, dataflow=dataflow)
+    with pytest.raises(ValueError, match=match):
+        snn.SparseConv3d(3, 4, 3, impl=impl, dataflow=dataflow)
+
+
+def test_auto_impl_on_cpu_has_no_triton_dataflow():
+    x = random_tensor()
+    with pytest.raises(ValueError, match="runs 'cpu' on cpu tensors, which has no dataflow 'igemm'"):
+        subm_conv3d(x, torch.randn(27, 3, 4, dtype=torch.float64), 3, dataflow="igemm")
+
+
+@pytest.mark.parametrize("ks,rows", [(3, 16), (3, 1000), ((1, 1, 3), 7), (5, 32)])
+def test_sorted_blocks_numba_equals_torch_and_naive(ks, rows):
+    """The im2col plan: the numba pass (CPU maps) and the torch ops (other devices) give the same blocks,
+    and each block gathers, row by row, exactly the offsets some row of it uses."""
+    from bevfusion.ops.sparse.kmap import _sorted_blocks_torch
+    from bevfusion.ops.sparse.kmap_numba import sorted_blocks
+
+    km = build_subm_kmap(random_tensor(shape=(9, 8, 7), batch=2, density=0.3, empty=()), ks)
+    nb = km.nbmap()
+    order, act, starts, flat = sorted_blocks(nb, rows, km.n_in)
+    assert torch.equal(order, km.sorted_rows())
+    t_act, t_starts, t_flat = _sorted_blocks_torch(nb.index_select(0, km.sorted_rows()), rows, km.n_in)
+    assert torch.equal(act, t_act) and starts == t_starts and torch.equal(flat, t_flat.int())
+    expected = []
+    for s in range(0, km.n_out, rows):
+        block = nb[order[s:s + rows]]
+        used = [k for k in range(km.kernel_volume) if (block[:, k] >= 0).any()]
+        expected += [int(v) if v >= 0 else km.n_in for row in block.tolist() for v in (row[k] for k in used)]
+    assert flat.tolist() == expected
+    masks = [sum(1 << (km.kernel_volume - 1 - k) for k in range(km.kernel_volume)
+                 if nb[o, k] >= 0 and km.kernel_volume - 1 - k <= 62) for o in range(km.n_out)]
+    assert order.tolist() == sorted(range(km.n_out), key=lambda o: -masks[o])  # descending, stable
 
 
 def test_to_bev_backward():
@@ -316,8 +442,8 @@ def test_cpu_autotune_choice_is_deterministic():
     x = random_tensor()
     km = build_subm_kmap(x, 3)
     w = torch.randn(27, 3, 4, dtype=torch.float64)
-    choices = {tune.choose("fwd", x.feats, w, km, run=None) for _ in range(3)}
-    assert len(choices) == 1 and next(iter(choices))[0] in ("gather", "im2col")
+    choices = {tune.cpu_choice("fwd", x.feats, w, km) for _ in range(3)}
+    assert len(choices) == 1 and next(iter(choices)) in ("gather", "im2col")
 
 
 def test_conv_kmap_isolated_sites_dilation_sharing_stride():
@@ -328,7 +454,7 @@ def test_conv_kmap_isolated_sites_dilation_sharing_stride():
     c = torch.cat([torch.zeros(c.shape[0], 1, dtype=torch.int32), c], 1)
     x = SparseTensor(torch.randn(c.shape[0], 2, dtype=torch.float64, generator=g), c, (64, 64, 64))
     w = torch.randn(27, 2, 3, dtype=torch.float64, generator=g)
-    y = sparse_conv3d(x, w, 3, 2, 2, 2, impl="im2col")
+    y = sparse_conv3d(x, w, 3, 2, 2, 2, impl="cpu", dataflow="im2col")
     rc, rf, _ = dense_conv(x, w, 3, 2, 2, 2)
     assert y.coords.shape[0] == 27 * c.shape[0]
     assert torch.equal(y.coords.long(), rc)
@@ -336,29 +462,29 @@ def test_conv_kmap_isolated_sites_dilation_sharing_stride():
 
 
 def _encoder_chain(x, impl_kmap, monkeypatch):
-    """subm -> strided -> subm on the strided output -> inverse, with the kernel maps forced to one impl."""
+    """subm -> strided -> subm on the strided output -> inverse, with the kernel maps forced to one backend."""
     from bevfusion.ops.sparse import kmap as km_mod
 
-    monkeypatch.setattr(km_mod, "_use_numba", lambda _x, _impl: impl_kmap == "numba")
+    monkeypatch.setattr(km_mod, "_backend", lambda _x, _impl: impl_kmap)
     g = torch.Generator().manual_seed(11)
     w1 = torch.randn(27, x.feats.shape[1], 4, dtype=torch.float64, generator=g)
     w2 = torch.randn(27, 4, 5, dtype=torch.float64, generator=g)
     w3 = torch.randn(27, 5, 5, dtype=torch.float64, generator=g)
     w4 = torch.randn(27, 5, 2, dtype=torch.float64, generator=g)
-    a = subm_conv3d(x, w1, 3, impl="gather")
-    b = sparse_conv3d(a, w2, 3, 2, 1, impl="gather")
-    c = subm_conv3d(b, w3, 3, impl="gather")
-    d = sparse_inverse_conv3d(c, w4, 3, 2, 1, impl="gather")
+    a = subm_conv3d(x, w1, 3, impl="cpu", dataflow="gather")
+    b = sparse_conv3d(a, w2, 3, 2, 1, impl="cpu", dataflow="gather")
+    c = subm_conv3d(b, w3, 3, impl="cpu", dataflow="gather")
+    d = sparse_inverse_conv3d(c, w4, 3, 2, 1, impl="cpu", dataflow="gather")
     return a, b, c, d
 
 
 @pytest.mark.parametrize("batch,empty", [(3, (1,)), (1, ()), (2, (0, 1))])
-def test_torch_kmaps_end_to_end_equal_numba(batch, empty, monkeypatch):
+def test_device_kmaps_end_to_end_equal_numba(batch, empty, monkeypatch):
     """The device-agnostic kernel maps (the CUDA path: sort, searchsorted, prefix-sum compaction, one host
     transfer per map) give the same network outputs as the numba maps, incl. empty batches and inputs."""
     x = random_tensor(shape=(9, 8, 7), batch=batch, density=0.25, empty=empty)
-    ref = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "numba", monkeypatch)
-    got = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "torch", monkeypatch)
+    ref = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "cpu", monkeypatch)
+    got = _encoder_chain(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=batch), "triton", monkeypatch)
     for r, t in zip(ref, got):
         assert torch.equal(r.coords, t.coords) and r.spatial_shape == t.spatial_shape
         torch.testing.assert_close(t.feats, r.feats)
@@ -425,15 +551,15 @@ def test_conv_follows_autocast_dtype():
     assert z.feats.dtype == torch.float32
 
 
-@pytest.mark.parametrize("impl", ["gather", "im2col"])
-def test_every_cpu_dataflow_runs_under_autocast(impl):
+@pytest.mark.parametrize("dataflow", CPU_DATAFLOWS)
+def test_every_cpu_dataflow_runs_under_autocast(dataflow):
     """Each dataflow computes in the autocast dtype without mixing dtypes internally (index_add of a
     half-precision product into a float32 buffer used to fail)."""
     x = random_tensor(shape=(9, 8, 7), batch=2, density=0.3, empty=(), cin=4, dtype=torch.float32)
     w = torch.randn(27, 4, 8)
-    ref = subm_conv3d(x, w, 3, impl=impl).feats
+    ref = subm_conv3d(x, w, 3, impl="cpu", dataflow=dataflow).feats
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = subm_conv3d(x, w, 3, impl=impl).feats
-        z = sparse_conv3d(x, w, 3, 2, 1, impl=impl).feats
+        y = subm_conv3d(x, w, 3, impl="cpu", dataflow=dataflow).feats
+        z = sparse_conv3d(x, w, 3, 2, 1, impl="cpu", dataflow=dataflow).feats
     assert y.dtype == z.dtype == torch.bfloat16
     assert float((y.float() - ref).norm() / ref.norm()) < 2e-2

@@ -39,27 +39,27 @@ def _assert_same(y: SparseTensor, s, tol=1e-4):
     torch.testing.assert_close(f1, f2, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("impl", ["gather", "im2col"])
+@pytest.mark.parametrize("dataflow", ["gather", "im2col"])
 @pytest.mark.parametrize("ks,dil", [(3, 1), ((1, 3, 5), 1), (3, 2)])
-def test_subm_matches_spconv(impl, ks, dil):
+def test_subm_matches_spconv(dataflow, ks, dil):
     torch.manual_seed(0)
     x = random_tensor(shape=(9, 8, 7), cin=4, dtype=torch.float32)
-    ours = snn.SubMConv3d(4, 6, ks, padding=1, dilation=dil, impl=impl)
+    ours = snn.SubMConv3d(4, 6, ks, padding=1, dilation=dil, impl="cpu", dataflow=dataflow)
     theirs = sp.SubMConv3d(4, 6, ks, padding=1, dilation=dil, bias=False)
     _copy(ours, theirs)
     with torch.no_grad():
         _assert_same(ours(x), theirs(_sp_input(x)))
 
 
-@pytest.mark.parametrize("impl", ["gather", "im2col"])
+@pytest.mark.parametrize("dataflow", ["gather", "im2col"])
 @pytest.mark.parametrize("ks,st,pad", [(3, 2, 1), (3, 2, (1, 1, 0)), ((1, 1, 3), (1, 1, 2), 0), (2, 2, 0),
                                        ((3, 1, 3), (2, 1, 2), (1, 0, 0))])
-def test_conv_and_inverse_match_spconv(impl, ks, st, pad):
+def test_conv_and_inverse_match_spconv(dataflow, ks, st, pad):
     torch.manual_seed(0)
     x = random_tensor(shape=(9, 8, 7), cin=4, dtype=torch.float32)
-    ours = snn.SparseConv3d(4, 6, ks, stride=st, padding=pad, impl=impl)
+    ours = snn.SparseConv3d(4, 6, ks, stride=st, padding=pad, impl="cpu", dataflow=dataflow)
     theirs = sp.SparseConv3d(4, 6, ks, stride=st, padding=pad, bias=False, indice_key="d")
-    inv = snn.SparseInverseConv3d(6, 3, ks, stride=st, padding=pad, impl=impl)
+    inv = snn.SparseInverseConv3d(6, 3, ks, stride=st, padding=pad, impl="cpu", dataflow=dataflow)
     inv_s = sp.SparseInverseConv3d(6, 3, ks, indice_key="d", bias=False)
     _copy(ours, theirs)
     _copy(inv, inv_s)

@@ -16,16 +16,17 @@ pytest.importorskip("triton")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 
 
-def _case(kind, x, w, impl):
+def _case(kind, x, w, impl, dataflow="auto"):
     if kind == "subm":
-        return subm_conv3d(x, w, 3, impl=impl)
+        return subm_conv3d(x, w, 3, impl=impl, dataflow=dataflow)
     if kind == "conv":
-        return sparse_conv3d(x, w, 3, 2, 1, impl=impl)
+        return sparse_conv3d(x, w, 3, 2, 1, impl=impl, dataflow=dataflow)
     if kind == "conv_aniso":
-        return sparse_conv3d(x, w, (1, 1, 3), (1, 1, 2), 0, impl=impl)
+        return sparse_conv3d(x, w, (1, 1, 3), (1, 1, 2), 0, impl=impl, dataflow=dataflow)
     ones = torch.ones(27, x.feats.shape[1], x.feats.shape[1], dtype=x.feats.dtype, device=x.feats.device)
     y = sparse_conv3d(x, ones, 3, 2, 1)
-    return sparse_inverse_conv3d(y.replace_feature(x.feats[: y.feats.shape[0]]), w, 3, 2, 1, impl=impl)
+    return sparse_inverse_conv3d(y.replace_feature(x.feats[: y.feats.shape[0]]), w, 3, 2, 1, impl=impl,
+                                 dataflow=dataflow)
 
 
 def _reference(kind, x64, w64):
@@ -45,16 +46,16 @@ def _tiny(dtype, cin=5, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("impl", ["triton_igemm", "triton_gather"])
+@pytest.mark.parametrize("dataflow", ["igemm", "gather"])
 @pytest.mark.parametrize("kind", ["subm", "conv", "conv_aniso", "inverse"])
-def test_triton_forward_backward(kind, impl, dtype):
+def test_triton_forward_backward(kind, dataflow, dtype):
     x = _tiny(dtype)
     K = 3 if kind == "conv_aniso" else 27
     g = torch.Generator().manual_seed(3)
     w64 = torch.randn(K, 5, 20, dtype=torch.float64, generator=g) / 5
     feats = x.feats.clone().requires_grad_()
     w = w64.to(dtype).requires_grad_()
-    y = _case(kind, x.replace_feature(feats), w, impl)
+    y = _case(kind, x.replace_feature(feats), w, "triton", dataflow)
     assert y.feats.dtype == dtype
     # reference on the same (rounded) inputs in float64
     x64 = x.replace_feature(x.feats.double())
@@ -66,7 +67,7 @@ def test_triton_forward_backward(kind, impl, dtype):
     (y.feats.double() * gy).sum().backward()
     f64 = x.feats.double().requires_grad_()
     w2 = w.detach().double().requires_grad_()
-    y64 = _case(kind, x.replace_feature(f64), w2, "gather")
+    y64 = _case(kind, x.replace_feature(f64), w2, "cpu", "gather")
     (y64.feats * gy).sum().backward()
     for got, exp in ((feats.grad, f64.grad), (w.grad, w2.grad)):
         torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol * max(1.0, float(exp.abs().max())))
@@ -89,21 +90,21 @@ def test_triton_sorted_map_and_channel_tiles():
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
     gy = torch.randn(x.feats.shape[0], 24)
     dw = tk.wgrad(x.feats, gy, km, dict(BP=16, BC=16, BN=16, CHUNK=40, num_warps=4, num_stages=2))
-    from bevfusion.ops.sparse.cpu import wgrad_gather
+    from bevfusion.ops.sparse.dataflows import wgrad_gather
 
     torch.testing.assert_close(dw.double(), wgrad_gather(x.feats.double(), gy.double(), km), rtol=1e-4, atol=1e-4)
 
 
 def test_triton_empty():
     x = SparseTensor(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32), (5, 5, 5), batch_size=1)
-    for impl in ("triton_igemm", "triton_gather"):
-        assert subm_conv3d(x, torch.randn(27, 4, 8), 3, impl=impl).feats.shape == (0, 8)
+    for dataflow in ("igemm", "gather"):
+        assert subm_conv3d(x, torch.randn(27, 4, 8), 3, impl="triton", dataflow=dataflow).feats.shape == (0, 8)
 
 
 def test_triton_rejects_float64():
     x = _tiny(torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        subm_conv3d(x, torch.randn(27, 5, 4, dtype=torch.float64), 3, impl="triton_igemm")
+        subm_conv3d(x, torch.randn(27, 5, 4, dtype=torch.float64), 3, impl="triton", dataflow="igemm")
 
 
 # ---------------------------------------------------------------- real GPU (skipped without CUDA)
@@ -114,19 +115,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["triton_igemm", "triton_gather", "auto"])
+@pytest.mark.parametrize("impl,dataflow", [("triton", "igemm"), ("triton", "gather"), ("auto", "auto")])
 @pytest.mark.parametrize("kind", ["subm", "conv", "conv_aniso", "inverse"])
-def test_gpu_vs_cpu_float64(kind, impl, dtype):
+def test_gpu_vs_cpu_float64(kind, impl, dataflow, dtype):
     x = random_tensor(shape=(40, 40, 12), batch=2, density=0.1, cin=16, empty=(), dtype=torch.float64)
     K = 3 if kind == "conv_aniso" else 27
     w64 = torch.randn(K, 16, 32, dtype=torch.float64) / 10
     xc = SparseTensor(x.feats.to(dtype).cuda(), x.coords.cuda(), x.spatial_shape, batch_size=x.batch_size)
     feats = xc.feats.clone().requires_grad_()
     w = w64.to(dtype).cuda().requires_grad_()
-    y = _case(kind, xc.replace_feature(feats), w, impl)
+    y = _case(kind, xc.replace_feature(feats), w, impl, dataflow)
     f64 = feats.detach().double().cpu().requires_grad_()
     w2 = w.detach().double().cpu().requires_grad_()
-    y64 = _case(kind, SparseTensor(f64, x.coords, x.spatial_shape, batch_size=2), w2, "gather")
+    y64 = _case(kind, SparseTensor(f64, x.coords, x.spatial_shape, batch_size=2), w2, "cpu", "gather")
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
     scale = float(y64.feats.abs().max())
     torch.testing.assert_close(y.feats.double().cpu(), y64.feats.detach(), rtol=tol, atol=tol * scale)
@@ -140,8 +141,7 @@ def test_gpu_vs_cpu_float64(kind, impl, dtype):
 def test_every_autotune_candidate_is_correct():
     """Each config the CUDA autotuner may pick gives the dense answer (forward, dgrad-shaped and wgrad)."""
     from bevfusion.ops.sparse import triton as tk
-    from bevfusion.ops.sparse import tune
-    from bevfusion.ops.sparse.cpu import wgrad_gather
+    from bevfusion.ops.sparse.dataflows import wgrad_gather
     from bevfusion.ops.sparse.kmap import build_subm_kmap
 
     x = random_tensor(shape=(4, 4, 3), batch=2, density=0.3, cin=5, seed=2, empty=(), dtype=torch.float32)
@@ -151,10 +151,10 @@ def test_every_autotune_candidate_is_correct():
     gy = torch.randn(x.feats.shape[0], 16)
     dw_ref = wgrad_gather(x.feats.double(), gy.double(), km)
     for direction in ("fwd", "wgrad"):
-        for name, cfg in tune._triton_candidates(direction, 5, 16):
-            if name == "triton_igemm":
+        for name, cfg in tk.candidates(direction, 5, 16):
+            if name == "igemm":
                 out = tk.igemm(x.feats, w, km, cfg)
-            elif name == "triton_gather":
+            elif name == "gather":
                 out = tk.gather_scatter(x.feats, w, km, cfg)
             else:
                 torch.testing.assert_close(tk.wgrad(x.feats, gy, km, cfg).double(), dw_ref, rtol=1e-4, atol=1e-4)

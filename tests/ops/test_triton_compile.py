@@ -216,7 +216,6 @@ def test_variants_match_real_launches(monkeypatch):
     from bevfusion.ops.sparse import triton as SP
     from bevfusion.ops.sparse.kmap import build_subm_kmap
     from bevfusion.ops.sparse.tensor import SparseTensor
-    from bevfusion.ops.sparse.tune import _triton_candidates
     from bevfusion.ops.voxelize import triton as VX
 
     monkeypatch.setattr(BP, "_interpreting", lambda: False)
@@ -253,10 +252,10 @@ def test_variants_match_real_launches(monkeypatch):
             grad = torch.randn(kmap.n_out, cout, generator=gen).to(dtype)
             for direction, f, w, km in (("fwd", feats, weight, kmap),
                                         ("dgrad", grad, weight.transpose(1, 2), kmap.transposed())):
-                cands = _triton_candidates(direction, w.shape[1], w.shape[2], dtype)
-                for name, cfg in cands + [("triton_igemm", None), ("triton_gather", None)]:
-                    (SP.igemm if name == "triton_igemm" else SP.gather_scatter)(f, w, km, cfg)
-            for _, cfg in _triton_candidates("wgrad", cin, cout, dtype) + [("triton_wgrad", None)]:
+                cands = SP.candidates(direction, w.shape[1], w.shape[2], dtype)
+                for name, cfg in cands + [("igemm", None), ("gather", None)]:
+                    (SP.igemm if name == "igemm" else SP.gather_scatter)(f, w, km, cfg)
+            for _, cfg in SP.candidates("wgrad", cin, cout, dtype) + [("wgrad", None)]:
                 SP.wgrad(feats, grad, kmap, cfg)
     launches += [("sparse", *c) for c in calls]
 
@@ -274,6 +273,7 @@ def test_variants_match_real_launches(monkeypatch):
         for aligned in (False, True):
             if bdt in BX.IOU_GPU_DTYPES:  # the dispatcher sends float64 boxes on a GPU to the CPU path
                 BX.rotated_iou_bev(boxes, boxes, aligned)
+                BX.rotated_iou_bev(boxes, boxes, aligned, area=True)  # rotated_intersection_bev, min_union > 0
         for pdt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             BX.points_in_boxes(torch.rand(37, 4, generator=gen).to(pdt), boxes)
     launches += [("boxes", *c) for c in calls]

@@ -13,9 +13,11 @@ the depth x feature outer product of the LSS lift into the pooling, so the (BN, 
 frustum tensor is never materialised. `points_to_bev_coords` turns metric frustum points into cell
 coordinates with the official truncation quirk.
 
-Implementations (`impl`): "reference" (plain torch, float64 accumulation: the test oracle), "cpu"
-(numba, CPU tensors), "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests) and
-"auto" (triton for CUDA tensors, cpu otherwise). Importing this package needs torch only; numba and
+Implementations (`impl`, the ops' backends: `bevfusion.ops._dispatch`): "reference" (plain torch,
+float64 accumulation: the test oracle), "cpu" (numba, CPU tensors), "triton" (CUDA tensors; CPU tensors
+under TRITON_INTERPRET=1, for tests) and "auto" (triton for CUDA tensors, cpu otherwise). The plan is
+built by numba for "cpu" (`cpu.plan_arrays`) and by torch ops otherwise (`plan.plan_tensors`: the GPU
+path and the reference; both give the same plan). Importing this package needs torch only; numba and
 triton are imported when their path is first used.
 
 Output layout: the result has the logical shape (B, C, D, H, W) but is a channels-last view
@@ -30,7 +32,7 @@ import torch
 
 from bevfusion.ops._dispatch import resolve_impl
 
-from .plan import BevPoolPlan, _check_grid, bev_pool_plan, check_coords
+from .plan import SUPPORTED_DTYPES, BevPoolPlan, _check_grid, check_coords, make_plan, plan_tensors
 from .reference import bev_pool_reference, lift_reference, pool_cells_reference
 
 __all__ = [
@@ -39,7 +41,6 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "reference", "cpu", "triton")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- checks and dispatch
@@ -60,41 +61,21 @@ def _check_plan(plan, device: torch.device) -> None:
         raise ValueError(f"bev_pool: plan is on {plan.device} but the features are on {device}; use plan.to(device)")
 
 
-def _cpu_module():
-    try:
-        from . import cpu
-    except ImportError:  # numba missing: vectorised torch fallback below
-        return None
-    return cpu
-
-
-def _triton_module():
-    from . import triton as triton_impl
-
-    return triton_impl
+def _kernels(impl: str):
+    """The module of the "cpu" or "triton" path (imported on first use: numba / triton come with it)."""
+    if impl == "triton":
+        from . import triton as kernels
+    else:
+        from . import cpu as kernels
+    return kernels
 
 
 def _pool_forward(feats: torch.Tensor, plan: BevPoolPlan, impl: str) -> torch.Tensor:
-    if impl == "triton":
-        return _triton_module().pool_forward(feats, plan)
-    cpu = _cpu_module()
-    if cpu is not None:
-        return cpu.pool_forward(feats, plan)
-    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
-    out = feats.new_zeros((plan.num_cells, feats.shape[1]), dtype=acc)
-    out.index_add_(0, plan.ranks, feats.index_select(0, plan.order).to(acc))
-    return out.to(feats.dtype)
+    return _kernels(impl).pool_forward(feats, plan)
 
 
 def _pool_backward(grad: torch.Tensor, plan: BevPoolPlan, impl: str) -> torch.Tensor:
-    if impl == "triton":
-        return _triton_module().pool_backward(grad, plan)
-    cpu = _cpu_module()
-    if cpu is not None:
-        return cpu.pool_backward(grad, plan)
-    cells = plan.point_cells
-    out = grad.index_select(0, cells.clamp(min=0))
-    return out.masked_fill_((cells < 0).unsqueeze(1), 0)
+    return _kernels(impl).pool_backward(grad, plan)
 
 
 class _BevPoolFunction(torch.autograd.Function):
@@ -110,24 +91,13 @@ class _BevPoolFunction(torch.autograd.Function):
 
 
 def _lift_forward(depth, feats, plan, impl):
-    if impl == "triton":
-        return _triton_module().lift_forward(depth, feats, plan)
-    cpu = _cpu_module()
-    if cpu is not None:
-        return cpu.lift_forward(depth, feats, plan)
-    return _pool_forward(lift_reference(depth, feats), plan, impl)
+    return _kernels(impl).lift_forward(depth, feats, plan)
 
 
 def _lift_backward(grad, depth, feats, plan, impl, need_depth, need_feats):
     if impl == "triton":
-        return _triton_module().lift_backward(grad, depth, feats, plan, need_depth, need_feats)
-    cpu = _cpu_module()
-    if cpu is not None:
-        return cpu.lift_backward(grad, depth, feats, plan)
-    with torch.enable_grad():
-        d, f = depth.detach().requires_grad_(), feats.detach().requires_grad_()
-        out = pool_cells_reference(lift_reference(d, f), plan.point_cells, plan.num_cells)
-        return torch.autograd.grad(out, (d, f), grad)
+        return _kernels(impl).lift_backward(grad, depth, feats, plan, need_depth, need_feats)
+    return _kernels(impl).lift_backward(grad, depth, feats, plan)
 
 
 class _LiftBevPoolFunction(torch.autograd.Function):
@@ -151,7 +121,7 @@ def _to_output(cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     return cells.view(plan.batch_size, d, h, w, cells.shape[1]).permute(0, 4, 1, 2, 3)
 
 
-def _plan_from_args(coords, batch_size, grid, plan, device, drop_outside=True):
+def _plan_from_args(coords, batch_size, grid, plan, device, drop_outside=True, impl="auto"):
     if plan is not None:
         if coords is not None:
             raise ValueError("bev_pool: pass either coords (with batch_size and grid) or plan, not both")
@@ -166,10 +136,38 @@ def _plan_from_args(coords, batch_size, grid, plan, device, drop_outside=True):
     check_coords(coords)
     if coords.device != device:
         raise ValueError(f"bev_pool: coords are on {coords.device} but the features are on {device}")
-    return bev_pool_plan(coords, batch_size, grid, drop_outside=drop_outside)
+    return bev_pool_plan(coords, batch_size, grid, drop_outside=drop_outside, impl=impl)
 
 
 # ----------------------------------------------------------------------------- public API
+def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *, drop_outside: bool = True,
+                  impl: str = "auto") -> BevPoolPlan:
+    """Mask, rank and sort the points once; the result drives `bev_pool_with_plan`.
+
+    Args:
+        coords: (N, 4) int (int8/16/32/64), columns (x, y, z, batch) in cell units, on CPU or CUDA.
+            Non-contiguous tensors are fine.
+        batch_size: B; points whose batch index is outside [0, B) are treated as outside the grid.
+        grid: (D, H, W) = (Z cells, X cells, Y cells) of the output.
+        drop_outside: True (default): points outside the grid are dropped, as the official
+            view transform does. False: the caller promises every point is inside; the promise is
+            checked and a ValueError names the first offending point if it is broken.
+        impl: "auto" | "reference" | "cpu" | "triton": "cpu" builds it with numba (one counting pass and
+            one scatter pass: a stable O(N) bucket sort over the cells), the others with torch ops.
+    Returns:
+        BevPoolPlan on the device of `coords`. An empty input gives a plan with K = M = 0.
+    """
+    check_coords(coords)
+    grid = _check_grid(batch_size, grid)
+    if resolve_impl("bev_pool_plan", impl, coords.device, IMPLS) == "cpu":
+        from .cpu import plan_arrays
+
+        tensors = plan_arrays(coords, batch_size, grid)
+    else:
+        tensors = plan_tensors(coords, batch_size, grid)
+    return make_plan(coords, batch_size, grid, tensors, drop_outside)
+
+
 def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
              grid: Optional[Sequence[int]] = None, impl: str = "auto", *,
              plan: Optional[BevPoolPlan] = None, drop_outside: bool = True) -> torch.Tensor:
@@ -193,10 +191,11 @@ def bev_pool(feats: torch.Tensor, coords: Optional[torch.Tensor] = None, batch_s
         `feats`.
     """
     _check_float("feats", feats)
+    impl = _resolve_impl(impl, feats.device)
     if impl == "reference" and plan is None and coords is not None and drop_outside:
         _check_shapes(feats, coords)
         return bev_pool_reference(feats, coords, batch_size, _check_grid(batch_size, grid))
-    plan = _plan_from_args(coords, batch_size, grid, plan, feats.device, drop_outside)
+    plan = _plan_from_args(coords, batch_size, grid, plan, feats.device, drop_outside, impl)
     return bev_pool_with_plan(feats, plan, impl)
 
 
@@ -259,7 +258,7 @@ def lift_bev_pool(depth: torch.Tensor, feats: torch.Tensor, coords: Optional[tor
         if coords.device != depth.device:
             raise ValueError(f"lift_bev_pool: coords on {coords.device}, depth on {depth.device}")
         return bev_pool_reference(lift_reference(depth, feats), coords, batch_size, _check_grid(batch_size, grid))
-    plan = _plan_from_args(coords, batch_size, grid, plan, depth.device, drop_outside)
+    plan = _plan_from_args(coords, batch_size, grid, plan, depth.device, drop_outside, impl_r)
     if plan.num_points != n_points:
         raise ValueError(f"lift_bev_pool: the plan covers {plan.num_points} points, depth has {n_points}")
     if impl_r == "reference":

@@ -1,23 +1,23 @@
-"""CPU fast path: numba kernels that walk the plan's intervals in parallel (one cell per loop
-iteration, so no two threads ever write the same output row: no atomics, no locks).
+"""CPU fast path: numba kernels for the plan and for the reductions, which walk the plan's intervals
+in parallel (one cell per loop iteration, so no two threads ever write the same output row: no atomics,
+no locks).
 
-Parallelism comes from plain Python threads running `nogil` numba kernels on disjoint chunks, not
-from numba's `parallel=True`: numba's OpenMP layer and torch's OpenMP runtime are two thread pools
-whose spinning workers fight over the cores (10-100x slowdowns measured on the 2-core dev machine).
+Parallelism comes from the ops' thread pool (`bevfusion.ops._threads`) running `nogil` numba kernels on
+disjoint chunks, not from numba's `parallel=True`: numba's OpenMP layer and torch's OpenMP runtime are
+two thread pools whose spinning workers fight over the cores (10-100x slowdowns measured on the 2-core
+dev machine).
 
-numba is imported when this module is imported, and `bevfusion.ops.bev_pool` imports this module
-only when the CPU path is used. fp16 / bf16 inputs are widened to fp32 first (numba has no bf16 on
-CPU); accumulation is fp32 (fp64 for fp64 inputs).
+numba is imported with this module (through `bevfusion.ops._numba`), which `bevfusion.ops.bev_pool`
+imports only when the CPU path is used. fp16 / bf16 inputs are widened to fp32 first (numba has no bf16
+on CPU); accumulation is fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
-import numba
 import numpy as np
 import torch
 
+from .. import _threads
+from .._numba import jit, jit_reassoc
 from .plan import BevPoolPlan
 
 
@@ -29,25 +29,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-_POOL = None  # (size, executor), created on first use
-_POOL_LOCK = threading.Lock()
-
-
-def _run_chunks(kernel, bounds: np.ndarray, *args) -> None:
-    """Run kernel(lo, hi, *args) over consecutive chunks [bounds[i], bounds[i + 1]) on up to
-    torch.get_num_threads() threads (pytest-xdist workers set it to 1)."""
-    global _POOL
-    threads = max(1, torch.get_num_threads())
-    ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    if threads == 1 or len(ranges) <= 1:
-        for lo, hi in ranges:
-            kernel(lo, hi, *args)
-        return
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] < threads:
-            _POOL = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bev_pool"))
-        pool = _POOL[1]
-    list(pool.map(lambda r: kernel(r[0], r[1], *args), ranges))
+def _run_chunks(kernel, bounds, *args) -> None:
+    """kernel(lo, hi, *args) over consecutive chunks [bounds[i], bounds[i + 1]) on the ops' thread pool."""
+    _threads.run_chunks(lambda lo, hi: kernel(lo, hi, *args), [int(b) for b in bounds])
 
 
 def _balanced_bounds(starts: np.ndarray, total: int, chunks: int) -> np.ndarray:
@@ -61,16 +45,17 @@ def _balanced_bounds(starts: np.ndarray, total: int, chunks: int) -> np.ndarray:
 
 
 def _chunks() -> int:
-    threads = max(1, torch.get_num_threads())
+    """Chunks per call: 4 per thread, so that a thread finishing early takes another."""
+    threads = _threads.num_threads()
     return 1 if threads == 1 else 4 * threads
 
 
-def _even_bounds(n: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n, _chunks() + 1).astype(np.int64))
+def _even_bounds(n: int) -> list[int]:
+    return _threads.even_bounds(n, _chunks())
 
 
 # ----------------------------------------------------------------------------- plan
-@numba.njit(cache=True, nogil=True)
+@jit
 def _plan(coords, batch_size, d, h, w):
     """One pass for cells and counts, a prefix sum, one scatter pass (stable bucket sort), then the
     intervals and the longest-first launch order (a bucket sort by length)."""
@@ -141,7 +126,7 @@ def plan_arrays(coords: torch.Tensor, batch_size: int, grid):
 
 
 # ----------------------------------------------------------------------------- bev_pool
-@numba.njit(cache=True, nogil=True)
+@jit
 def _pool_fwd(lo, hi, feats, order, starts, lengths, cells, out):
     c_dim = feats.shape[1]
     for k in range(lo, hi):
@@ -165,7 +150,7 @@ def pool_forward(feats: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
     return out.to(feats.dtype)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _gather_rows(lo, hi, src, cells, out):
     c_dim = src.shape[1]
     for i in range(lo, hi):
@@ -195,7 +180,7 @@ def pool_backward(grad_cells: torch.Tensor, plan: BevPoolPlan) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- fused lift + pool
-@numba.njit(cache=True, nogil=True)
+@jit
 def _lift_fwd(lo, hi, depth, feats, order, starts, lengths, cells, dp, p, out):
     # depth: (BN*D*P,) flat; feats: (BN*P, C); point i -> camera n = i // dp, pixel i % p.
     c_dim = feats.shape[1]
@@ -212,7 +197,7 @@ def _lift_fwd(lo, hi, depth, feats, order, starts, lengths, cells, dp, p, out):
 
 
 # Reassociation lets LLVM vectorise the dot product over channels (no NaN/inf assumptions).
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@jit_reassoc
 def _lift_bwd(lo, hi, grad, depth, feats, point_cells, d_bins, p, grad_depth, grad_feats):
     # grad: (G, C); grad_depth: (BN*D*P,); grad_feats: (BN*P, C), zero-initialised.
     c_dim = feats.shape[1]

@@ -1,5 +1,7 @@
-"""The plan step of BEV pooling: which points are kept, which cell each one lands in, and the points
-grouped by cell (a CSR over all output cells).
+"""The plan of BEV pooling: which points are kept, which cell each one lands in, and the points grouped
+by cell (a CSR over all output cells). This file holds the data class, the input checks and the plan's
+torch build (`plan_tensors`, any device: the GPU path and the reference); the numba build is
+`cpu.plan_arrays`, and `bevfusion.ops.bev_pool.bev_pool_plan` picks one by `impl`.
 
 Everything here depends on the coordinates only, never on the features, so a fixed camera rig with a
 fixed augmentation (inference) builds the plan once and reuses it for every frame: the reduction then
@@ -13,6 +15,7 @@ from typing import Sequence
 import torch
 
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the features
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,50 +119,36 @@ def point_cells(coords: torch.Tensor, batch_size: int, grid: Sequence[int]) -> t
     return torch.where(keep, cells, torch.full_like(cells, -1))
 
 
-def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
-                  drop_outside: bool = True) -> BevPoolPlan:
-    """Mask, rank and sort the points once; the result drives `bev_pool_with_plan`.
-
-    Args:
-        coords: (N, 4) int (int8/16/32/64), columns (x, y, z, batch) in cell units, on CPU or CUDA.
-            Non-contiguous tensors are fine.
-        batch_size: B; points whose batch index is outside [0, B) are treated as outside the grid.
-        grid: (D, H, W) = (Z cells, X cells, Y cells) of the output.
-        drop_outside: True (default): points outside the grid are dropped, as the official
-            view transform does. False: the caller promises every point is inside; the promise is
-            checked and a ValueError names the first offending point if it is broken.
-    Returns:
-        BevPoolPlan on the device of `coords`. An empty input gives a plan with K = M = 0.
-    """
-    check_coords(coords)
-    grid = _check_grid(batch_size, grid)
+def plan_tensors(coords: torch.Tensor, batch_size: int, grid: Sequence[int]) -> tuple:
+    """The plan's tensors from torch ops (a stable sort, a bincount and prefix sums), on the device of
+    `coords`, in `BevPoolPlan` field order after num_points: (point_cells, order, ranks, interval_starts,
+    interval_lengths, interval_cells, cell_ptr, launch_cells). Same values as `cpu.plan_arrays`."""
     device = coords.device
-    n = coords.shape[0]
     g = batch_size * grid[0] * grid[1] * grid[2]
-    if device.type == "cpu" and _numba_available():
-        # numba: one counting pass and one scatter pass (a stable O(N) bucket sort over G cells).
-        from .cpu import plan_arrays
+    cells = point_cells(coords, batch_size, grid)
+    kept = (cells >= 0).nonzero().squeeze(1)
+    kept_cells = cells[kept]
+    # 32-bit keys halve the radix-sort passes whenever the cell ids fit.
+    keys = kept_cells.to(torch.int32) if g < 2**31 else kept_cells
+    perm = torch.sort(keys, stable=True).indices
+    order = kept[perm]
+    counts = torch.bincount(kept_cells, minlength=g)
+    cell_ptr = torch.zeros(g + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=cell_ptr[1:])
+    ranks = cells[order]
+    interval_cells = (counts > 0).nonzero().squeeze(1)
+    interval_starts = cell_ptr[interval_cells]
+    interval_lengths = counts[interval_cells]
+    # Longest first, ties by cell id (stable sort over cells that are already increasing).
+    launch_cells = torch.sort(counts, descending=True, stable=True).indices
+    return cells, order, ranks, interval_starts, interval_lengths, interval_cells, cell_ptr, launch_cells
 
-        (cells, order, ranks, interval_starts, interval_lengths, interval_cells, cell_ptr,
-         launch_cells) = plan_arrays(coords, batch_size, grid)
-    else:
-        cells = point_cells(coords, batch_size, grid)
-        kept = (cells >= 0).nonzero().squeeze(1)
-        kept_cells = cells[kept]
-        # 32-bit keys halve the radix-sort passes whenever the cell ids fit.
-        keys = kept_cells.to(torch.int32) if g < 2**31 else kept_cells
-        perm = torch.sort(keys, stable=True).indices
-        order = kept[perm]
-        counts = torch.bincount(kept_cells, minlength=g)
-        cell_ptr = torch.zeros(g + 1, dtype=torch.int64, device=device)
-        torch.cumsum(counts, 0, out=cell_ptr[1:])
-        ranks = cells[order]
-        lengths_all = counts
-        interval_cells = (lengths_all > 0).nonzero().squeeze(1)
-        interval_starts = cell_ptr[interval_cells]
-        interval_lengths = lengths_all[interval_cells]
-        # Longest first, ties by cell id (stable sort over cells that are already increasing).
-        launch_cells = torch.sort(lengths_all, descending=True, stable=True).indices
+
+def make_plan(coords: torch.Tensor, batch_size: int, grid: tuple, tensors: tuple, drop_outside: bool) -> BevPoolPlan:
+    """The `BevPoolPlan` of `tensors` (from `plan_tensors` or `cpu.plan_arrays`); with drop_outside=False a
+    point outside the grid raises ValueError naming the first one."""
+    cells, order, ranks, interval_starts, interval_lengths, interval_cells, cell_ptr, launch_cells = tensors
+    n = coords.shape[0]
     if not drop_outside:
         bad = (cells < 0).nonzero()
         if bad.numel():
@@ -171,18 +160,3 @@ def bev_pool_plan(coords: torch.Tensor, batch_size: int, grid: Sequence[int], *,
     return BevPoolPlan(batch_size=batch_size, grid=grid, num_points=n, order=order, ranks=ranks,
                        point_cells=cells, interval_starts=interval_starts, interval_lengths=interval_lengths,
                        interval_cells=interval_cells, cell_ptr=cell_ptr, launch_cells=launch_cells)
-
-
-_NUMBA = None
-
-
-def _numba_available() -> bool:
-    global _NUMBA
-    if _NUMBA is None:
-        try:
-            import numba  # noqa: F401
-
-            _NUMBA = True
-        except ImportError:
-            _NUMBA = False
-    return _NUMBA

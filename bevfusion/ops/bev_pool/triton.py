@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BevPoolPlan
+from .plan import SUPPORTED_DTYPES, BevPoolPlan
 
 
 @triton.jit
@@ -189,7 +189,6 @@ def aot_variants() -> list:
     each supported dtype x each channel block size (C = the block size itself, C = 80 is the same
     specialisation as C = 128), with the GPU values of the tables above."""
     from ..triton_aot import I64, launch, ptr
-    from . import SUPPORTED_DTYPES
 
     out = []
     for dtype in SUPPORTED_DTYPES:

@@ -37,9 +37,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from bevfusion.ops._dispatch import has_numba, resolve_impl
+from bevfusion.ops._dispatch import resolve_impl
 
-from .reference import (box_corners_3d, box_corners_bev, circle_nms_reference, descending_order,
+from .reference import (SUPPORTED_DTYPES, box_corners_3d, box_corners_bev, circle_nms_reference, descending_order,
                         nms_bev_reference, points_in_boxes_reference, rotated_intersection_bev_reference,
                         rotated_iou_bev_reference)
 
@@ -47,7 +47,6 @@ __all__ = ["box_corners_bev", "box_corners_3d", "rotated_iou_bev", "rotated_inte
            "circle_nms", "points_in_boxes", "points_in_boxes_idx", "batched_nms_bev", "batched_circle_nms", "IMPLS"]
 
 IMPLS = ("auto", "reference", "cpu", "triton")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- checks and dispatch
@@ -88,9 +87,6 @@ def _check_max(op: str, name: str, v) -> Optional[int]:
     return v
 
 
-_has_numba = has_numba  # module attribute, so a test can simulate a machine without numba
-
-
 def _resolve_impl(op: str, impl: str, device: torch.device) -> str:
     return resolve_impl(op, impl, device, IMPLS)
 
@@ -105,7 +101,7 @@ def _iou_2d(a: torch.Tensor, b: torch.Tensor, aligned: bool, impl: str, area: bo
             # float64 boxes on a GPU: the CPU path in float64 (see IOU_GPU_DTYPES), result back on the GPU
             return _iou_2d(a.cpu(), b.cpu(), aligned, "cpu", area, min_union).to(a.device)
         return triton_impl.rotated_iou_bev(a, b, aligned, area, min_union)
-    if impl == "cpu" and _has_numba():
+    if impl == "cpu":
         from . import cpu
 
         return cpu.rotated_iou_bev(a, b, aligned, area, min_union)
@@ -216,14 +212,12 @@ def nms_bev(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, pre
 
         # float64 boxes on a GPU get their IoUs from the CPU path anyway (IOU_GPU_DTYPES): there, the lazy
         # greedy pass below computes only the pairs it needs, with the same float64 IoU and decisions
-        host_f64 = cand.is_cuda and cand.dtype not in triton_impl.IOU_GPU_DTYPES and _has_numba()
+        host_f64 = cand.is_cuda and cand.dtype not in triton_impl.IOU_GPU_DTYPES
     if impl == "triton" and not host_f64:
         over = _iou_2d(cand, cand, False, impl, min_union=min_union) > thr
         pos = cpu.greedy_from_mask(over, n_post)
-    elif _has_numba():
-        pos = cpu.nms_sorted(cand, thr, n_post, min_union)
     else:
-        return nms_bev_reference(boxes, scores, thr, pre_max, post_max, min_union)
+        pos = cpu.nms_sorted(cand, thr, n_post, min_union)
     return order[pos.to(order.device)]
 
 
@@ -253,16 +247,14 @@ def circle_nms(centers: torch.Tensor, scores: torch.Tensor, dist_threshold: floa
     xy = xy.double() if xy.dtype == torch.float64 else xy.float()
     from . import cpu
 
-    if impl == "cpu" and _has_numba():
+    if impl == "cpu":
         pos = cpu.circle_nms_sorted(xy, thr, n_post)
-    elif _has_numba():
+    else:
         # the squared distance in xy's dtype, compared in float64 (as mmdet3d's numba circle_nms); the
         # greedy pass over the (N, N) mask runs on the host
         d = xy[:, None, :] - xy[None, :, :]  # (N, N, 2)
         over = (d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]).double() <= thr
         pos = cpu.greedy_from_mask(over, n_post)
-    else:
-        return circle_nms_reference(centers, scores, thr, post_max)
     return order[pos.to(order.device)]
 
 
@@ -295,7 +287,7 @@ def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, impl: str = "auto
         from . import triton as triton_impl
 
         return triton_impl.points_in_boxes(points, boxes)
-    if impl == "cpu" and _has_numba():
+    if impl == "cpu":
         from . import cpu
 
         return cpu.points_in_boxes(points, boxes)

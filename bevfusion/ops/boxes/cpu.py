@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._dispatch import numba_jit as _jit
+from .._numba import jit as _jit
 
 
 @_jit

@@ -14,6 +14,9 @@ import torch
 _SIGNS = ((1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the boxes and points
+
+
 def box_corners_bev(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 7+) boxes → (..., 4, 2) BEV corners, counter-clockwise from the front-left corner
     (+dx/2, +dy/2). Differentiable; any device and float dtype."""

@@ -176,7 +176,7 @@ def aot_variants() -> list:
     compute dtype (float64 when the points or the boxes are float64). The first variant (IoU, all
     pairs) is the kernel's edge case and the one compiled by the default test suite."""
     from ..triton_aot import I8, launch, ptr
-    from . import SUPPORTED_DTYPES
+    from .reference import SUPPORTED_DTYPES
 
     out = []
     for area in (False, True):

@@ -1,112 +1,142 @@
-"""Functional sparse convolutions with autograd, and the dataflow dispatch.
+"""Functional sparse convolutions with autograd, and the choice of backend and dataflow.
 
-impl names:
-  "auto"           CPU: rule-based choice between "gather" and "im2col"; CUDA: the autotuner (tune.py)
-  "gather"         torch gather-GEMM-scatter per kernel offset (any device)
-  "im2col"         torch blocked output-stationary im2col + GEMM (any device)
-  "reference"      the pair-loop oracle (reference.py)
-  "triton_igemm"   Triton implicit GEMM (fwd and dgrad) + Triton wgrad
-  "triton_gather"  Triton gather-GEMM-scatter (fwd and dgrad) + Triton wgrad
-  "triton"         the autotuner restricted to Triton dataflows on CUDA; implicit GEMM elsewhere
-                   (e.g. CPU tensors under TRITON_INTERPRET=1)
+Every conv takes two names:
+
+impl (the backend, as every op: `bevfusion.ops._dispatch`):
+  "auto"       "triton" for CUDA tensors, "cpu" otherwise
+  "reference"  the pair-loop oracle (reference.py), any device
+  "cpu"        the torch dataflows of dataflows.py on CPU tensors
+  "triton"     the Triton kernels of triton.py (CUDA; CPU tensors under TRITON_INTERPRET=1)
+
+dataflow (how the pairs are walked; `DATAFLOWS[impl]` lists what each backend has):
+  "auto"       cpu: the rule in tune.py (im2col, or gather for a 1x1x1 kernel); triton: the CUDA
+               autotuner (tune.py), implicit GEMM on CPU tensors (interpreter)
+  "gather"     gather-GEMM-scatter per kernel offset (cpu: torch ops; triton: fp32 atomics)
+  "im2col"     output-stationary blocked im2col over the sorted map (cpu)
+  "igemm"      implicit GEMM over the neighbour table (triton)
+
+impl="auto" with dataflow="auto" on CUDA lets the autotuner also time the torch gather dataflow (the only
+candidate for float64, which the Triton kernels do not take); impl="triton" keeps to Triton kernels. The
+weight gradient of a Triton dataflow is the Triton wgrad kernel; of a torch dataflow, its torch twin.
+An unknown name, or a dataflow the backend does not have, raises ValueError naming both lists.
+
+Kernel maps are built with impl="auto" (kmap.py), whatever the conv's impl: they are cached on the input's
+`KernelMapCache` and shared by every layer of the same geometry.
 """
 from __future__ import annotations
 
 import torch
 
-from . import cpu, tune
+from .._dispatch import BACKENDS, resolve_impl
+from . import dataflows, tune
 from .kmap import KernelMap, build_conv_kmap, build_subm_kmap, find_inverse, register_inverse
-from .reference import pair_loop_conv
+from .reference import pair_loop_conv, pair_loop_wgrad
 from .tensor import SparseTensor, _triple
 
-IMPLS = ("auto", "gather", "im2col", "reference", "triton_igemm", "triton_gather", "triton")
+__all__ = ["IMPLS", "DATAFLOWS", "conv_features", "subm_conv3d", "sparse_conv3d", "sparse_inverse_conv3d"]
+
+IMPLS = BACKENDS
+DATAFLOWS = {"auto": ("auto", "gather", "im2col", "igemm"), "reference": ("auto",),
+             "cpu": ("auto", "gather", "im2col"), "triton": ("auto", "igemm", "gather")}
 
 
-def _run(name: str, cfg, feats, weight, kmap):
-    if name == "gather":
-        return cpu.gather_gemm_scatter(feats, weight, kmap)
-    if name == "im2col":
-        return cpu.im2col_gemm(feats, weight, kmap)
-    if name == "reference":
+def _run(kernel: str, cfg, feats, weight, kmap):
+    """Forward (and dgrad, on the transposed map) of one kernel: "reference", "torch.<dataflow>" or
+    "triton.<dataflow>"."""
+    if kernel == "reference":
         return pair_loop_conv(feats, weight, kmap)
+    if kernel == "torch.gather":
+        return dataflows.gather_gemm_scatter(feats, weight, kmap)
+    if kernel == "torch.im2col":
+        return dataflows.im2col_gemm(feats, weight, kmap)
     from . import triton as tk
 
-    if name == "triton_igemm":
+    if kernel == "triton.igemm":
         return tk.igemm(feats, weight, kmap, cfg)
-    if name == "triton_gather":
+    if kernel == "triton.gather":
         return tk.gather_scatter(feats, weight, kmap, cfg)
-    raise ValueError(f"sparse conv: unknown impl {name!r} (expected one of {IMPLS})")
+    raise AssertionError(f"sparse conv: no forward kernel {kernel!r}")
 
 
-def _run_wgrad(name: str, cfg, feats, grad_out, kmap):
-    if name in ("gather", "reference"):
-        return cpu.wgrad_gather(feats, grad_out, kmap)
-    if name == "im2col":
-        return cpu.wgrad_im2col(feats, grad_out, kmap)
+def _run_wgrad(kernel: str, cfg, feats, grad_out, kmap):
+    if kernel == "reference":
+        return pair_loop_wgrad(feats, grad_out, kmap)
+    if kernel == "torch.gather":
+        return dataflows.wgrad_gather(feats, grad_out, kmap)
+    if kernel == "torch.im2col":
+        return dataflows.wgrad_im2col(feats, grad_out, kmap)
     from . import triton as tk
 
     return tk.wgrad(feats, grad_out, kmap, cfg)
 
 
-def _resolve(direction: str, impl: str, feats, weight, kmap, wgrad_of=None):
-    """Pick (name, config) for one call."""
+def check_names(impl: str, dataflow: str) -> None:
+    """ValueError unless `impl` is a backend and `dataflow` one of its dataflows (device not checked)."""
     if impl not in IMPLS:
-        raise ValueError(f"sparse conv: unknown impl {impl!r} (expected one of {IMPLS})")
-    if impl in ("gather", "im2col", "reference", "triton_igemm", "triton_gather"):
-        if direction == "wgrad" and impl.startswith("triton"):
-            return "triton_wgrad", None
-        return impl, None
-    on_cuda = feats.device.type == "cuda"
-    if impl == "triton" and not on_cuda:
-        return ("triton_wgrad" if direction == "wgrad" else "triton_igemm"), None
-    if direction == "wgrad":
-        g = wgrad_of
+        raise ValueError(f"sparse conv: impl must be one of {IMPLS}, got {impl!r}")
+    if dataflow not in DATAFLOWS[impl]:
+        known = sorted({d for flows in DATAFLOWS.values() for d in flows})
+        what = "unknown dataflow" if dataflow not in known else f"impl={impl!r} has no dataflow"
+        raise ValueError(f"sparse conv: {what} {dataflow!r}; dataflows per impl: "
+                         + ", ".join(f"{b}: {flows}" for b, flows in DATAFLOWS.items()))
 
+
+def _resolve(direction: str, impl: str, dataflow: str, feats, weight, kmap, wgrad_of=None):
+    """(kernel, config) for one call: direction "fwd", "dgrad" or "wgrad" (names checked by the caller)."""
+    backend = resolve_impl("sparse conv", impl, feats.device)
+    if dataflow not in DATAFLOWS[backend]:  # impl="auto" resolved to a backend without this dataflow
+        raise ValueError(f"sparse conv: impl={impl!r} runs {backend!r} on {feats.device.type} tensors, which has no "
+                         f"dataflow {dataflow!r} (its dataflows: {DATAFLOWS[backend]})")
+    if backend == "reference":
+        return "reference", None
+    if backend == "cpu":
+        flow = tune.cpu_choice(direction, feats, weight, kmap) if dataflow == "auto" else dataflow
+        return f"torch.{flow}", None
+    if dataflow != "auto":
+        return ("triton.wgrad" if direction == "wgrad" else f"triton.{dataflow}"), None
+    if feats.device.type != "cuda":  # the interpreter: no timing
+        return ("triton.wgrad" if direction == "wgrad" else "triton.igemm"), None
+    if direction == "wgrad":
         def run(name, cfg):
-            return _run_wgrad(name, cfg, feats, g, kmap)
+            return _run_wgrad(name, cfg, feats, wgrad_of, kmap)
     else:
         def run(name, cfg):
             return _run(name, cfg, feats, weight, kmap)
-    name, cfg = tune.choose(direction, feats, weight, kmap, run)
-    if impl == "triton" and not name.startswith("triton"):
-        name, cfg = ("triton_wgrad", None) if direction == "wgrad" else ("triton_igemm", None)
-    return name, cfg
-
-
-def _forward(feats, weight, kmap, impl):
-    name, cfg = _resolve("fwd", impl, feats, weight, kmap)
-    return _run(name, cfg, feats, weight, kmap)
+    return tune.choose(direction, feats, weight, kmap, run, with_torch=impl == "auto")
 
 
 class SparseConvFunction(torch.autograd.Function):
     """out = conv(feats) along `kmap` with weight (K, Cin, Cout); grads for feats and weight."""
 
     @staticmethod
-    def forward(ctx, feats, weight, kmap: KernelMap, impl: str):
+    def forward(ctx, feats, weight, kmap: KernelMap, impl: str, dataflow: str):
         ctx.save_for_backward(feats, weight)
-        ctx.kmap = kmap
-        ctx.impl = impl
-        return _forward(feats, weight, kmap, impl)
+        ctx.kmap, ctx.impl, ctx.dataflow = kmap, impl, dataflow
+        name, cfg = _resolve("fwd", impl, dataflow, feats, weight, kmap)
+        return _run(name, cfg, feats, weight, kmap)
 
     @staticmethod
     def backward(ctx, grad_out):
         feats, weight = ctx.saved_tensors
-        kmap, impl = ctx.kmap, ctx.impl
+        kmap, impl, dataflow = ctx.kmap, ctx.impl, ctx.dataflow
         grad_out = grad_out.contiguous()
         gf = gw = None
         if ctx.needs_input_grad[0]:
             kt = kmap.transposed()
             wt = weight.transpose(1, 2)  # (K, Cout, Cin) view
-            name, cfg = _resolve("dgrad", impl, grad_out, wt, kt)
+            name, cfg = _resolve("dgrad", impl, dataflow, grad_out, wt, kt)
             gf = _run(name, cfg, grad_out, wt, kt)
         if ctx.needs_input_grad[1]:
-            name, cfg = _resolve("wgrad", impl, feats, weight, kmap, wgrad_of=grad_out)
+            name, cfg = _resolve("wgrad", impl, dataflow, feats, weight, kmap, wgrad_of=grad_out)
             gw = _run_wgrad(name, cfg, feats, grad_out, kmap)
-        return gf, gw, None, None
+        return gf, gw, None, None, None
 
 
-def conv_features(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, impl: str = "auto") -> torch.Tensor:
-    """Apply weight (K, Cin, Cout) along a kernel map: (n_in, Cin) -> (n_out, Cout)."""
+def conv_features(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, impl: str = "auto",
+                  dataflow: str = "auto") -> torch.Tensor:
+    """Apply weight (K, Cin, Cout) along a kernel map: (n_in, Cin) -> (n_out, Cout). impl and dataflow:
+    see the module docstring."""
+    check_names(impl, dataflow)
     if weight.dim() != 3 or weight.shape[0] != kmap.kernel_volume or weight.shape[1] != feats.shape[1]:
         raise ValueError(f"sparse conv: weight {tuple(weight.shape)} does not fit kernel volume "
                          f"{kmap.kernel_volume} and {feats.shape[1]} input channels")
@@ -118,7 +148,7 @@ def conv_features(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, im
     if weight.dtype != feats.dtype:
         weight = weight.to(feats.dtype)
     with torch.autocast(dev, enabled=False):  # every dataflow then computes in feats' dtype, none re-casts
-        return SparseConvFunction.apply(feats, weight, kmap, impl)
+        return SparseConvFunction.apply(feats, weight, kmap, impl, dataflow)
 
 
 def _bias(out: torch.Tensor, bias):
@@ -126,18 +156,20 @@ def _bias(out: torch.Tensor, bias):
 
 
 def subm_conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size, dilation=1, bias=None,
-                impl: str = "auto") -> SparseTensor:
+                impl: str = "auto", dataflow: str = "auto") -> SparseTensor:
     """Submanifold conv: outputs exactly at x's sites, kernel centred. weight (K, Cin, Cout)."""
+    check_names(impl, dataflow)
     kmap = build_subm_kmap(x, kernel_size, dilation)
-    out = _bias(conv_features(x.feats, weight, kmap, impl), bias)
+    out = _bias(conv_features(x.feats, weight, kmap, impl, dataflow), bias)
     return x.replace_feature(out)
 
 
 def sparse_conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, bias=None,
-                  impl: str = "auto") -> SparseTensor:
+                  impl: str = "auto", dataflow: str = "auto") -> SparseTensor:
     """Strided/padded sparse conv with spconv's active-site rule; outputs sorted by (batch, x, y, z)."""
+    check_names(impl, dataflow)
     kmap, coords, shape, cid = build_conv_kmap(x, kernel_size, stride, padding, dilation)
-    out = _bias(conv_features(x.feats, weight, kmap, impl), bias)
+    out = _bias(conv_features(x.feats, weight, kmap, impl, dataflow), bias)
     st = tuple(a * b for a, b in zip(x.stride, _triple(stride)))
     y = SparseTensor(out, coords, shape, st, x.batch_size, check=False, _cache=x.cache, _coord_id=cid)
     register_inverse(x, y, kernel_size, stride, padding, dilation, kmap)
@@ -145,10 +177,11 @@ def sparse_conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size, stride=1, 
 
 
 def sparse_inverse_conv3d(x: SparseTensor, weight: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
-                          bias=None, impl: str = "auto") -> SparseTensor:
+                          bias=None, impl: str = "auto", dataflow: str = "auto") -> SparseTensor:
     """Inverse of the SparseConv3d (same kernel_size/stride/padding/dilation) that produced x: outputs at
     that conv's input sites, out[i] += x[o] @ weight[k] for each of its pairs (i, o, k), i.e. a
     transposed conv restricted to the finer sites."""
+    check_names(impl, dataflow)
     kmap, coords, shape, cid, st = find_inverse(x, kernel_size, stride, padding, dilation)
-    out = _bias(conv_features(x.feats, weight, kmap, impl), bias)
+    out = _bias(conv_features(x.feats, weight, kmap, impl, dataflow), bias)
     return SparseTensor(out, coords, shape, st, x.batch_size, check=False, _cache=x.cache, _coord_id=cid)

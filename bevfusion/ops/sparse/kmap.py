@@ -1,12 +1,23 @@
 """Kernel maps: which input site feeds which output site through which kernel offset.
 
-Everything is vectorised over all (offset, site) pairs with torch ops (linear int64 keys, sort and
-searchsorted), so the same code runs on CPU and CUDA without Python loops over points.
-
 Offset index k = (ix*ky + iy)*kz + iz, oriented like F.conv3d:
   SubM:     input = output + (i - (k-1)/2)*dilation            (always centred)
   strided:  input = output*stride - padding + i*dilation
   inverse:  the transposed map of the paired strided conv.
+
+`impl` takes the ops' backend names (`bevfusion.ops._dispatch`):
+  "cpu"        numba hash table (`kmap_numba.py`), CPU tensors
+  "triton"     the GPU path: vectorised over all (offset, site) pairs with torch ops (linear int64 keys,
+               sort and searchsorted, one host sync per map); no Triton kernel is needed for it, and it
+               also runs on CPU tensors under TRITON_INTERPRET=1, as every "triton" path does
+  "reference"  Python loops over the sites (`reference.py`)
+  "auto"       "triton" for CUDA tensors, "cpu" otherwise
+The convs always build their maps with "auto": a map is cached on its input's `KernelMapCache` and shared
+by every layer of the same geometry, whatever each layer's conv impl.
+
+A `KernelMap` also derives, lazily and cached, the tables the dataflows read: the output-stationary
+neighbour table, the rows sorted by their neighbour bitmask, and the blocks of sorted rows with the
+offsets each block uses (the im2col dataflow's plan).
 """
 from __future__ import annotations
 
@@ -14,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tensor import SparseTensor, _coord_ids, _triple, keys_to_coords, linear_keys
+from .._dispatch import resolve_impl
+from .tensor import SparseTensor, _coord_ids, _triple, conv_out_shape, keys_to_coords, linear_keys
 
 
 @dataclass(eq=False)
@@ -53,17 +65,17 @@ class KernelMap:
         return self._lazy["koff"]
 
     def nbmap(self) -> torch.Tensor:
-        """(n_out, K) int32 output-stationary neighbour table: input row feeding output o via offset k, or -1."""
-        if "nbmap" not in self._lazy and self.in_idx.device.type == "cpu" and self.num_pairs:
-            from .cpu_kmap import nbmap_from_pairs
-            import numpy as np
-
-            self._lazy["nbmap"] = torch.from_numpy(nbmap_from_pairs(
-                self.in_idx.numpy(), self.out_idx.numpy(), np.asarray(self.ptr, np.int64), self.n_out))
+        """(n_out, K) int32 output-stationary neighbour table: input row feeding output o via offset k, or -1.
+        Filled by a numba loop for CPU maps, by one scatter on other devices."""
         if "nbmap" not in self._lazy:
-            nb = torch.full((self.n_out, self.kernel_volume), -1, dtype=torch.int32, device=self.in_idx.device)
-            if self.num_pairs:
-                nb[self.out_idx, self.pair_offsets()] = self.in_idx.int()
+            if self.in_idx.device.type == "cpu" and self.num_pairs:
+                from .kmap_numba import neighbour_table
+
+                nb = neighbour_table(self.in_idx, self.out_idx, self.ptr, self.n_out)
+            else:
+                nb = torch.full((self.n_out, self.kernel_volume), -1, dtype=torch.int32, device=self.in_idx.device)
+                if self.num_pairs:
+                    nb[self.out_idx, self.pair_offsets()] = self.in_idx.int()
             self._lazy["nbmap"] = nb
         return self._lazy["nbmap"]
 
@@ -77,16 +89,79 @@ class KernelMap:
             self._lazy["T"] = t
         return self._lazy["T"]
 
-    def sorted_rows(self) -> torch.Tensor:
-        """(n_out,) int32 output rows ordered by their neighbour bitmask (TorchSparse++'s sorted map),
-        so that rows of a block tend to miss the same offsets and a kernel can skip them."""
+    def sorted_rows(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """(n_out,) output rows (int64, or `dtype`) ordered by their neighbour bitmask (TorchSparse++'s
+        sorted map), descending, ties in row order; offset k is bit K-1-k (offset 0 the most significant),
+        offsets beyond the 63rd do not take part. Rows of a block then tend to miss the same offsets,
+        which a kernel can skip."""
         if "order" not in self._lazy:
             nb = self.nbmap()
             K = self.kernel_volume
-            w = torch.ones(K, dtype=torch.long, device=nb.device) << torch.arange(K, device=nb.device).clamp(max=62)
-            mask = ((nb >= 0).long() * w).sum(1)
-            self._lazy["order"] = torch.argsort(mask, descending=True, stable=True).int()
+            shift = K - 1 - torch.arange(K, device=nb.device)
+            w = torch.where(shift <= 62, torch.ones_like(shift) << shift.clamp(0, 62), torch.zeros_like(shift))
+            mask = ((nb >= 0).long() * w).sum(1)  # distinct bits: the sum is the bitwise or
+            self._lazy["order"] = torch.argsort(mask, descending=True, stable=True)
+        if dtype != torch.int64:
+            if ("order", dtype) not in self._lazy:
+                self._lazy[("order", dtype)] = self._lazy["order"].to(dtype)
+            return self._lazy[("order", dtype)]
         return self._lazy["order"]
+
+    def sorted_blocks(self, rows: int):
+        """Blocks of `rows` consecutive sorted rows (the last one shorter), each with the offsets at least
+        one of its rows uses: the output-stationary im2col dataflow gathers only those.
+
+        Built by one numba pass for CPU maps (`kmap_numba.sorted_blocks`), by torch ops on other devices;
+        both give the same blocks. Returns (order, blocks): `order` is `sorted_rows()`; per block (start,
+        end, offsets tuple, offsets (|A|,) int64 tensor, gather index ((end - start) * |A|,) int32), the
+        gather index listing, row by row, the input row of each of the block's offsets, n_in (a zero row)
+        where that row lacks it. A block whose rows have no input at all has offsets () and None for both
+        tensors.
+        """
+        key = ("sorted_blocks", rows)
+        hit = self._lazy.get(key)
+        if hit is not None:
+            return hit
+        nb = self.nbmap()
+        n_out, K = nb.shape
+        if n_out == 0:
+            self._lazy[key] = (self.sorted_rows(), [])
+            return self._lazy[key]
+        if nb.device.type == "cpu":  # one numba pass (several times faster than the torch ops below)
+            from .kmap_numba import sorted_blocks
+
+            order, act, starts, flat = sorted_blocks(nb, rows, self.n_in)
+            self._lazy.setdefault("order", order)
+        else:
+            order = self.sorted_rows()
+            act, starts, flat = _sorted_blocks_torch(nb.index_select(0, order), rows, self.n_in)
+        blocks = []
+        for b, a in enumerate(act.tolist()):
+            s, e = b * rows, min((b + 1) * rows, n_out)
+            ak = tuple(k for k, v in enumerate(a) if v)
+            if not ak:
+                blocks.append((s, e, (), None, None))
+            else:
+                blocks.append((s, e, ak, torch.tensor(ak, device=nb.device), flat[starts[b]:starts[b + 1]]))
+        self._lazy[key] = (order, blocks)
+        return order, blocks
+
+
+def _sorted_blocks_torch(nb: torch.Tensor, rows: int, n_in: int):
+    """(act (nblk, K) bool, starts (nblk + 1 ints), flat gather index int32) of `KernelMap.sorted_blocks` from
+    the neighbour table in sorted row order (n_out >= 1 rows), with torch ops on its device."""
+    n_out, K = nb.shape
+    nblk = -(-n_out // rows)
+    pad = nblk * rows - n_out
+    if pad:  # the last block's missing rows: -2, neither an input row nor "no input"
+        nb = torch.cat([nb, nb.new_full((pad, K), -2)])
+    nb = nb.view(nblk, rows, K)
+    act = (nb >= 0).any(1)  # (nblk, K)
+    sel = act[:, None, :] & (nb[:, :, :1] != -2)  # (nblk, rows, K): the entries each block gathers
+    flat = torch.where(nb >= 0, nb, torch.full_like(nb, n_in))[sel]  # block, row, offset order
+    sizes = torch.cat([torch.full((nblk - 1,), rows, dtype=torch.long, device=nb.device),
+                       torch.tensor([rows - pad], dtype=torch.long, device=nb.device)]) * act.sum(1)
+    return act, [0] + torch.cumsum(sizes, 0).tolist(), flat
 
 
 def _offsets_on(kernel_size, dilation, shift, device) -> torch.Tensor:
@@ -95,11 +170,6 @@ def _offsets_on(kernel_size, dilation, shift, device) -> torch.Tensor:
     k = torch.arange(kx * ky * kz, device=device)
     cols = (k // (ky * kz), (k // kz) % ky, k % kz)
     return torch.stack([c * d - s for c, d, s in zip(cols, dilation, shift)], 1)
-
-
-def conv_out_shape(spatial_shape, kernel_size, stride, padding, dilation) -> tuple[int, int, int]:
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                 for n, k, s, p, d in zip(spatial_shape, kernel_size, stride, padding, dilation))  # type: ignore
 
 
 def _sorted_keys(x: SparseTensor):
@@ -142,25 +212,22 @@ def _ptr(counts) -> list[int]:
     return ptr
 
 
-def _use_numba(x: SparseTensor, impl: str) -> bool:
-    if impl not in ("auto", "torch", "numba"):
-        raise ValueError(f"kernel map: unknown impl {impl!r} (expected auto, torch or numba)")
-    if impl == "auto":
-        return x.coords.device.type == "cpu"
-    return impl == "numba"
+def _backend(x: SparseTensor, impl: str) -> str:
+    return resolve_impl("kernel map", impl, x.coords.device)
 
 
 def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto") -> KernelMap:
     """Submanifold map: outputs are the input sites; input = output + (i - (k-1)/2)*dilation.
 
-    impl: "torch" (sort + searchsorted, any device), "numba" (hash table, CPU) or "auto" (numba on CPU).
-    Cached on x's kernel-map cache by (sites, kernel_size, dilation).
+    impl: "auto" | "reference" | "cpu" | "triton" (see the module docstring). Cached on x's kernel-map
+    cache by (sites, kernel_size, dilation, backend). Duplicate input sites raise ValueError.
     """
     ks = _triple(kernel_size, "kernel_size")
     dil = _triple(dilation, "dilation")
     if any(k % 2 == 0 for k in ks):
         raise ValueError(f"SubMConv3d needs odd kernel sizes, got {ks}")
-    key = ("subm", x.coord_id, ks, dil)
+    backend = _backend(x, impl)
+    key = ("subm", x.coord_id, ks, dil, backend)
     hit = x.cache.get(key)
     if hit is not None:
         return hit
@@ -174,11 +241,16 @@ def build_subm_kmap(x: SparseTensor, kernel_size, dilation=1, impl: str = "auto"
         km = KernelMap(e, e, [0] * (K + 1), 0, 0, centre)
         x.cache.put(key, km)
         return km
-    if _use_numba(x, impl):
-        from .cpu import subm_pairs_numba
+    if backend in ("cpu", "reference"):
+        if backend == "cpu":
+            from .kmap_numba import subm_map
 
-        in_idx, out_idx, cnt = subm_pairs_numba(x.coords, linear_keys(x.coords, x.spatial_shape), offs,
-                                                x.spatial_shape)
+            in_idx, out_idx, cnt = subm_map(x.coords, linear_keys(x.coords, x.spatial_shape), offs, x.spatial_shape)
+        else:
+            from .reference import subm_pairs
+
+            in_idx, out_idx, cnt = subm_pairs(x.coords.cpu(), offs.cpu())
+            in_idx, out_idx = in_idx.to(dev), out_idx.to(dev)
         km = KernelMap(in_idx, out_idx, _ptr(cnt), n, n, centre)
         x.cache.put(key, km)
         return km
@@ -210,13 +282,14 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
     i = o*stride - padding + k*dilation with 0 <= o < out_shape.
 
     Returns (kmap, out_coords (M, 4) int32 sorted by (batch, x, y, z), out_shape, out_coord_id).
-    impl as in `build_subm_kmap`; cached by (sites, kernel_size, stride, padding, dilation).
+    impl as in `build_subm_kmap`; cached by (sites, kernel_size, stride, padding, dilation, backend).
     """
     ks = _triple(kernel_size, "kernel_size")
     st = _triple(stride, "stride")
     pad = _triple(padding, "padding")
     dil = _triple(dilation, "dilation")
-    key = ("down", x.coord_id, ks, st, pad, dil)
+    backend = _backend(x, impl)
+    key = ("down", x.coord_id, ks, st, pad, dil, backend)
     hit = x.cache.get(key)
     if hit is not None:
         return hit
@@ -228,10 +301,16 @@ def build_conv_kmap(x: SparseTensor, kernel_size, stride=1, padding=0, dilation=
     K = ks[0] * ks[1] * ks[2]
     n = x.coords.shape[0]
     offs = _offsets_on(ks, dil, (0, 0, 0), dev)
-    if _use_numba(x, impl):
-        from .cpu import conv_pairs_numba
+    if backend in ("cpu", "reference"):
+        if backend == "cpu":
+            from .kmap_numba import conv_map
 
-        in_idx, out_idx, cnt, uniq = conv_pairs_numba(x.coords, ks, dil, pad, st, out_shape)
+            in_idx, out_idx, cnt, uniq = conv_map(x.coords, ks, dil, pad, st, out_shape)
+        else:
+            from .reference import conv_pairs
+
+            in_idx, out_idx, cnt, uniq = conv_pairs(x.coords.cpu(), x.spatial_shape, ks, st, pad, dil)
+            in_idx, out_idx, uniq = in_idx.to(dev), out_idx.to(dev), uniq.to(dev)
         km = KernelMap(in_idx, out_idx, _ptr(cnt), n, uniq.numel(), None)
         res = (km, keys_to_coords(uniq, out_shape), out_shape, next(_coord_ids))
         x.cache.put(key, res)

@@ -6,16 +6,19 @@ import math
 import torch
 from torch import nn
 
-from .conv import sparse_conv3d, sparse_inverse_conv3d, subm_conv3d
+from .conv import check_names, sparse_conv3d, sparse_inverse_conv3d, subm_conv3d
 from .tensor import SparseTensor, _triple
 
 
 class _SparseConvBase(nn.Module):
-    """Common parameters: weight (kx*ky*kz, Cin, Cout), optional bias (Cout)."""
+    """Common parameters: weight (kx*ky*kz, Cin, Cout), optional bias (Cout). `impl` (backend) and `dataflow`
+    as in `bevfusion.ops.sparse.conv`; unknown names raise ValueError here, at construction."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = False, impl: str = "auto", indice_key: str | None = None) -> None:
+                 bias: bool = False, impl: str = "auto", indice_key: str | None = None,
+                 dataflow: str = "auto") -> None:
         super().__init__()
+        check_names(impl, dataflow)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _triple(kernel_size, "kernel_size")
@@ -23,6 +26,7 @@ class _SparseConvBase(nn.Module):
         self.padding = _triple(padding, "padding")
         self.dilation = _triple(dilation, "dilation")
         self.impl = impl
+        self.dataflow = dataflow
         self.indice_key = indice_key  # accepted for spconv-style configs; maps are cached by geometry instead
         K = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         self.weight = nn.Parameter(torch.empty(K, in_channels, out_channels))
@@ -40,7 +44,8 @@ class _SparseConvBase(nn.Module):
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
-        return s + (f", impl={self.impl!r}" if self.impl != "auto" else "")
+        s += f", impl={self.impl!r}" if self.impl != "auto" else ""
+        return s + (f", dataflow={self.dataflow!r}" if self.dataflow != "auto" else "")
 
 
 class SubMConv3d(_SparseConvBase):
@@ -48,7 +53,7 @@ class SubMConv3d(_SparseConvBase):
     (input = output + (i - (k-1)/2)*dilation), whatever `padding` and `stride` say, as in spconv."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return subm_conv3d(x, self.weight, self.kernel_size, self.dilation, self.bias, self.impl)
+        return subm_conv3d(x, self.weight, self.kernel_size, self.dilation, self.bias, self.impl, self.dataflow)
 
 
 class SparseConv3d(_SparseConvBase):
@@ -57,7 +62,7 @@ class SparseConv3d(_SparseConvBase):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         return sparse_conv3d(x, self.weight, self.kernel_size, self.stride, self.padding, self.dilation, self.bias,
-                             self.impl)
+                             self.impl, self.dataflow)
 
 
 class SparseInverseConv3d(_SparseConvBase):
@@ -66,7 +71,7 @@ class SparseInverseConv3d(_SparseConvBase):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         return sparse_inverse_conv3d(x, self.weight, self.kernel_size, self.stride, self.padding, self.dilation,
-                                     self.bias, self.impl)
+                                     self.bias, self.impl, self.dataflow)
 
 
 class FeatureModule(nn.Module):
@@ -120,11 +125,11 @@ class SparseBasicBlock(nn.Module):
     + identity, ReLU. Key names conv1/bn1/conv2/bn2 as in the official SparseEncoder."""
 
     def __init__(self, channels: int, kernel_size=3, norm_eps: float = 1e-3, norm_momentum: float = 0.01,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", dataflow: str = "auto") -> None:
         super().__init__()
-        self.conv1 = SubMConv3d(channels, channels, kernel_size, padding=1, bias=False, impl=impl)
+        self.conv1 = SubMConv3d(channels, channels, kernel_size, padding=1, bias=False, impl=impl, dataflow=dataflow)
         self.bn1 = nn.BatchNorm1d(channels, eps=norm_eps, momentum=norm_momentum)
-        self.conv2 = SubMConv3d(channels, channels, kernel_size, padding=1, bias=False, impl=impl)
+        self.conv2 = SubMConv3d(channels, channels, kernel_size, padding=1, bias=False, impl=impl, dataflow=dataflow)
         self.bn2 = nn.BatchNorm1d(channels, eps=norm_eps, momentum=norm_momentum)
         self.relu = nn.ReLU(inplace=True)
 

@@ -18,6 +18,12 @@ def _triple(v, name: str = "value") -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+def conv_out_shape(spatial_shape, kernel_size, stride, padding, dilation) -> tuple[int, int, int]:
+    """Output grid of a strided conv, per axis (n + 2*padding - dilation*(k - 1) - 1) // stride + 1."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(spatial_shape, kernel_size, stride, padding, dilation))  # type: ignore
+
+
 def linear_keys(coords: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
     """Row-major int64 key of (batch, x, y, z) rows: ((b*X + x)*Y + y)*Z + z."""
     X, Y, Z = spatial_shape

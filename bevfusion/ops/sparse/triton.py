@@ -2,8 +2,9 @@
 gather-GEMM-scatter (pair blocks, fp32 atomics), plus the weight-gradient kernel.
 
 All accumulate in fp32; inputs may be fp16, bf16 or fp32 (fp32 uses IEEE products, like spconv's
-default, not TF32). This module imports triton at import time; `bevfusion.ops.sparse` imports it only
-when a Triton path is requested.
+default, not TF32). Dataflow names: "igemm", "gather" (forward and dgrad) and "wgrad". `candidates`
+lists the configs the CUDA autotuner (tune.py) times. This module imports triton at import time;
+`bevfusion.ops.sparse` imports it only when a Triton path is requested.
 """
 from __future__ import annotations
 
@@ -126,6 +127,39 @@ def default_config(dataflow: str, cin: int, cout: int, dtype=torch.float32) -> d
     return cfg
 
 
+# Implicit-GEMM candidates (BM, num_warps, num_stages, SORTED) per input dtype. Which launch spills is
+# ptxas's register allocation on each triton version's code, not a smooth function of the tile: these are
+# the configs that compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9 for every block size
+# (tests/ops/test_triton_compile.py; docs/PERFORMANCE.md). float32 (FMA, BK=16): BM=64 on 4 warps spills
+# with 2 or 3 stages somewhere, so 8 warps or BM=32; fp16 / bf16 (tensor cores): as measured on the H200.
+_IGEMM_FP32 = ((64, 8, 2, True), (64, 8, 3, False), (64, 4, 1, False), (32, 4, 1, True), (32, 4, 3, True),
+               (32, 4, 2, False))
+_IGEMM_HALF = tuple((bm, warps, stages, srt) for bm, warps, stages in ((64, 4, 2), (128, 4, 3), (128, 8, 3))
+                    for srt in (False, True))
+
+
+def candidates(direction: str, cin: int, cout: int, dtype=torch.float32) -> list[tuple[str, dict]]:
+    """(dataflow, config) candidates for a layer (Cin, Cout) in `direction` ("fwd", "dgrad" or "wgrad") on
+    inputs of `dtype` (for dgrad: the transposed weight, Cin and Cout of the GEMM it runs)."""
+    if direction == "wgrad":
+        base = default_config("wgrad", cin, cout, dtype)
+        out = [("wgrad", base)]
+        for chunk, bp, warps in ((2048, 64, 4), (8192, 128, 8)):
+            out.append(("wgrad", dict(base, CHUNK=chunk, BP=bp, num_warps=warps)))
+        return out
+    out = []
+    bn = default_config("igemm", cin, cout, dtype)["BN"]
+    bk = block_k(cin, dtype)
+    for bm, warps, stages, srt in (_IGEMM_FP32 if dtype == torch.float32 else _IGEMM_HALF):
+        k = bk
+        if direction == "dgrad" and (bm, warps, bn, bk) == (128, 4, 64, 32):
+            k = 16  # fp16 / bf16 dgrad, transposed weight: the 128 x 32 x 64 tile on 4 warps spills on sm_80 (3.9)
+        out.append(("igemm", dict(BM=bm, BN=bn, BK=k, SORTED=srt, num_warps=warps, num_stages=stages)))
+    for bm, stages in ((64, 2), (128, 1 if dtype == torch.float32 else 2)):  # float32 BM=128: 2 stages spill (3.6)
+        out.append(("gather", dict(BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=stages)))
+    return out
+
+
 def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else None
 
@@ -164,15 +198,11 @@ AOT_INPUT_LAYER = (5, 16)
 
 def _aot_launches(direction: str, cin: int, cout: int, dtype) -> list[tuple[str, dict]]:
     """(dataflow, config) pairs a layer (Cin, Cout) can run in `direction` on `dtype` inputs: the
-    autotuner's candidates and the untuned default (impl="triton_igemm" / "triton_gather" pass no config)."""
-    from .tune import _triton_candidates
-
+    autotuner's candidates and the untuned defaults (dataflow="igemm" / "gather" pass no config)."""
     if direction == "wgrad":
-        return (_triton_candidates("wgrad", cin, cout, dtype)
-                + [("triton_wgrad", default_config("wgrad", cin, cout, dtype))])
-    return _triton_candidates(direction, cin, cout, dtype) + [
-        ("triton_igemm", default_config("igemm", cin, cout, dtype)),
-        ("triton_gather", default_config("gather", cin, cout, dtype))]
+        return candidates("wgrad", cin, cout, dtype) + [("wgrad", default_config("wgrad", cin, cout, dtype))]
+    return candidates(direction, cin, cout, dtype) + [("igemm", default_config("igemm", cin, cout, dtype)),
+                                                      ("gather", default_config("gather", cin, cout, dtype))]
 
 
 def aot_variants() -> list:
@@ -197,16 +227,16 @@ def aot_variants() -> list:
                 for name, cfg in _aot_launches(direction, kin, kout, dtype):
                     tag = f"{f[1:]} {direction} {cin}->{cout} " + " ".join(
                         f"{k}={v}" for k, v in cfg.items() if k != "CHUNK")
-                    if name == "triton_igemm":
+                    if name == "igemm":
                         v = launch("sparse", _igemm_kernel, tag, hot=True, meta=_igemm_meta(cfg, dtype),
                                    args=dict(x_ptr=f, w_ptr=f, nb_ptr=I32, rows_ptr=I32, out_ptr=f, N="i32", K=27,
                                              CIN=kin, COUT=kout, **w))
-                    elif name == "triton_gather":
+                    elif name == "gather":
                         v = launch("sparse", _gather_scatter_kernel, tag, hot=False, meta=_gather_meta(cfg, dtype),
                                    args=dict(x_ptr=f, w_ptr=f, in_ptr=I64, outi_ptr=I64, blk_k_ptr=I64,
                                              blk_s_ptr=I64, blk_e_ptr=I64, out_ptr="*fp32", CIN=kin, COUT=kout,
                                              **w))
-                    elif name == "triton_wgrad":
+                    elif name == "wgrad":
                         v = launch("sparse", _wgrad_kernel, tag, hot=False, meta=_wgrad_meta(cfg, dtype),
                                    args=dict(x_ptr=f, g_ptr=f, in_ptr=I64, outi_ptr=I64, blk_k_ptr=I64,
                                              blk_s_ptr=I64, blk_e_ptr=I64, dw_ptr="*fp32", CIN=cin, COUT=cout))
@@ -254,7 +284,7 @@ def igemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap, config: di
     if kmap.n_in == 0 or kmap.num_pairs == 0:
         return out.zero_()
     nb = kmap.nbmap()
-    rows = kmap.sorted_rows() if cfg.get("SORTED") else nb
+    rows = kmap.sorted_rows(torch.int32) if cfg.get("SORTED") else nb
     grid = (triton.cdiv(kmap.n_out, cfg["BM"]), triton.cdiv(cout, cfg["BN"]))
     _igemm_kernel[grid](feats, weight, nb, rows, out, kmap.n_out, kmap.kernel_volume, cin, cout,
                         weight.stride(0), weight.stride(1), weight.stride(2),

@@ -14,12 +14,14 @@ Semantics (facts §3.6, the official deterministic hard voxelization):
 
 Functions: `voxelize` (hard), `voxel_mean` (BEVFusion's voxelize_reduce: sum / count),
 `dynamic_voxelize` (per-point cells), `voxelize_mean` (DynamicScatter-style mean over all points of
-each cell), `grid_size`, and the parameter-free `Voxelization` module (no state_dict entries).
+each cell), `grid_size`, and the parameter-free modules `Voxelization` (hard) and `DynamicScatter`
+(dynamic, mean per voxel), neither with state_dict entries.
 
-Implementations (`impl`): "reference" (Python loops: the oracle), "cpu" (numba hash-table pass over
-the points; the sort-based torch version if numba is missing), "triton" (CUDA tensors; CPU tensors
-under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors, cpu otherwise). Importing this package
-needs torch only.
+Implementations (`impl`, the ops' backends: `bevfusion.ops._dispatch`): "reference" (Python loops: the
+oracle), "cpu" (numba hash-table pass over the points: cpu.py), "triton" (Triton cell and scatter
+kernels around the sort-based assignment of sort_based.py; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors, cpu otherwise). Importing this package needs
+torch only.
 """
 from __future__ import annotations
 
@@ -29,16 +31,16 @@ from typing import Sequence, Union
 
 import torch
 
-from bevfusion.ops._dispatch import has_numba, resolve_impl
+from bevfusion.ops._dispatch import resolve_impl
 from torch import nn
 
 from .reference import grid_size as _grid_size
-from .reference import hard_voxelize_reference, point_cells, voxelize_mean_reference
+from .reference import SUPPORTED_DTYPES, hard_voxelize_reference, point_cells, voxelize_mean_reference
 
-__all__ = ["voxelize", "voxel_mean", "dynamic_voxelize", "voxelize_mean", "grid_size", "Voxelization", "IMPLS"]
+__all__ = ["voxelize", "voxel_mean", "dynamic_voxelize", "voxelize_mean", "grid_size", "Voxelization", "DynamicScatter",
+           "IMPLS"]
 
 IMPLS = ("auto", "reference", "cpu", "triton")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- checks and dispatch
@@ -90,34 +92,30 @@ def _check_int(name: str, v, lo: int) -> int:
     return v
 
 
-_has_numba = has_numba  # module attribute, so a test can simulate a machine without numba
-
-
 def _resolve_impl(impl: str, device: torch.device) -> str:
     return resolve_impl("voxelize", impl, device, IMPLS)
 
 
 def _assign(points, vs, pr, max_points, max_voxels, impl):
-    """coords (M, 3) int32, counts (M,) int64 (uncapped), slots (P,) int64 (voxel*max_points + position or -1)."""
-    from . import cpu
-
+    """coords (M, 3) int32, counts (M,) int64 (uncapped), slots (P,) int64 (voxel*max_points + position or -1),
+    for impl "cpu" or "triton"."""
     if impl == "triton":
         from . import triton as triton_impl
 
         return triton_impl.assign(points, vs, pr, max_points, max_voxels)
-    if impl == "cpu" and _has_numba():
-        return cpu.assign_numba(points, vs, pr, max_points, max_voxels)
-    return cpu.assign_sorted(points, vs, pr, max_points, max_voxels)
+    from . import cpu
+
+    return cpu.assign_numba(points, vs, pr, max_points, max_voxels)
 
 
 def _scatter(points, slots, m, max_points, impl):
-    from . import cpu
-
     if impl == "triton":
         from . import triton as triton_impl
 
         return triton_impl.scatter_slots(points, slots, m, max_points)
-    return cpu.scatter_slots_torch(points, slots, m, max_points)
+    from .sort_based import scatter_slots_torch  # plain torch indexing (the autograd path of "cpu" and "reference")
+
+    return scatter_slots_torch(points, slots, m, max_points)
 
 
 class _ScatterToSlots(torch.autograd.Function):
@@ -173,7 +171,7 @@ def voxelize(points: torch.Tensor, voxel_size: Sequence[float], point_range: Seq
         voxels, coords, num, slots = hard_voxelize_reference(points.detach(), vs, pr, max_points, max_voxels)
         if points.requires_grad and torch.is_grad_enabled():
             voxels = _ScatterToSlots.apply(points, slots, coords.shape[0], max_points, "cpu")
-    elif impl == "cpu" and _has_numba() and not (points.requires_grad and torch.is_grad_enabled()):
+    elif impl == "cpu" and not (points.requires_grad and torch.is_grad_enabled()):
         from . import cpu
 
         voxels, coords, num, slots = cpu.hard_voxelize_numba(points, vs, pr, max_points, max_voxels)
@@ -253,6 +251,8 @@ class Voxelization(nn.Module):
         if len(mv) != 2:
             raise ValueError(f"Voxelization: max_voxels must be an int or (train, test), got {max_voxels!r}")
         self.max_voxels = mv
+        if impl not in IMPLS:
+            raise ValueError(f"Voxelization: impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
 
     def forward(self, points: torch.Tensor):
@@ -265,3 +265,42 @@ class Voxelization(nn.Module):
     def extra_repr(self) -> str:
         return (f"voxel_size={self.voxel_size}, point_cloud_range={self.point_cloud_range}, "
                 f"max_num_points={self.max_num_points}, max_voxels={self.max_voxels}")
+
+
+class DynamicScatter(nn.Module):
+    """Dynamic voxelization with mean reduction (the official `DynamicScatter` type; mmcv's op with
+    average_points=True): every point inside the grid counts, and each occupied voxel gets the mean of its
+    points' features. BEVFusion builds it instead of `Voxelization` when `max_num_points` is <= 0 or
+    absent; no parameters or buffers, so no state_dict keys.
+
+    Args (official config names): voxel_size (3,), point_cloud_range (6,), average_points (only True,
+    the mean, is implemented), max_num_points (when given, must be <= 0: the official rule that picks
+    this module), max_voxels (accepted so that a hard-voxelization config with max_num_points <= 0
+    builds; not used: dynamic voxelization keeps every occupied voxel, as mmcv's does), deterministic
+    (only True), impl ("auto" | "reference" | "cpu" | "triton", as `voxelize_mean`).
+    forward(points (P, F)) → (feats (M, F) in the points' dtype (fp32 sums, fp64 for fp64), coords (M, 3)
+    int32 cell indices (x, y, z), as `Voxelization`), voxels in first-appearance order. There is no
+    count: the features are means already. Differentiable w.r.t. points (except impl="reference").
+    """
+
+    def __init__(self, voxel_size, point_cloud_range, average_points: bool = True, max_num_points: int = -1,
+                 max_voxels: Union[int, Sequence[int], None] = None, deterministic: bool = True, impl: str = "auto"):
+        super().__init__()
+        if not average_points:
+            raise ValueError("DynamicScatter: only average_points=True (the mean per voxel) is implemented")
+        if int(max_num_points) > 0:
+            raise ValueError(f"DynamicScatter: max_num_points={max_num_points} asks for hard voxels; use "
+                             "Voxelization (BEVFusion picks DynamicScatter only for max_num_points <= 0)")
+        if not deterministic:
+            raise ValueError("DynamicScatter: only deterministic=True is implemented")
+        if impl not in IMPLS:
+            raise ValueError(f"DynamicScatter: impl must be one of {IMPLS}, got {impl!r}")
+        self.voxel_size, self.point_cloud_range, _ = _check_geometry(voxel_size, point_cloud_range)
+        self.impl = impl
+
+    def forward(self, points: torch.Tensor):
+        feats, coords, _ = voxelize_mean(points, self.voxel_size, self.point_cloud_range, impl=self.impl)
+        return feats, coords
+
+    def extra_repr(self) -> str:
+        return f"voxel_size={self.voxel_size}, point_cloud_range={self.point_cloud_range}, average_points=True"

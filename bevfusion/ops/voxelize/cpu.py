@@ -1,27 +1,21 @@
-"""Fast voxelization paths that need no GPU.
+"""The "cpu" path of voxelization: numba.
 
-* `hard_voxelize_numba` / `assign_numba`: one sequential pass over the points with an open-addressing
-  hash table (cell key → voxel id), which *is* the first-come definition: voxel ids follow first
-  appearance, later points of a full voxel and later voxels past `max_voxels` are dropped. O(P), no
-  sort, no dense grid (1440 x 1440 x 40 cells would be 332 MB of int32).
-* `hard_voxelize_sorted` / `assign_sorted`: the same result from device-agnostic torch ops (one stable
-  sort by cell key, segment starts, voxels ranked by their first point). It is the fallback without
-  numba and the host part of the Triton path (`triton.py` passes its own kernels for the per-point
-  steps).
+`hard_voxelize_numba` / `assign_numba`: one sequential pass over the points with an open-addressing hash
+table (cell key → voxel id), which *is* the first-come definition: voxel ids follow first appearance,
+later points of a full voxel and later voxels past `max_voxels` are dropped. O(P), no sort, no dense grid
+(1440 x 1440 x 40 cells would be 332 MB of int32).
 
-numba is imported with this module (which `bevfusion.ops.voxelize` imports only when a CPU or Triton
-path runs); the kernels are compiled on first call and cached on disk. Cells are computed in float32 (float64
-for float64 points) with the same IEEE operations as `reference.point_cells`, so every path puts a
-boundary point in the same cell.
+numba is imported with this module (through `bevfusion.ops._numba`), which `bevfusion.ops.voxelize`
+imports only when the CPU path runs; the kernels are compiled on first call and cached on disk. Cells are
+computed in float32 (float64 for float64 points) with the same IEEE operations as
+`reference.point_cells`, so every path puts a boundary point in the same cell.
 """
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .._dispatch import numba_jit as _jit
+from .._numba import jit as _jit
 from .reference import compute_dtype, grid_size
 
 
@@ -117,63 +111,4 @@ def hard_voxelize_numba(points: torch.Tensor, voxel_size, point_range, max_point
     out = np.zeros((m * max_points, f), dtype=feats.dtype)
     _nb_fill(feats, slots.numpy(), out)
     voxels = torch.from_numpy(out).view(m, max_points, f).to(points.dtype)
-    return voxels, coords, counts.clamp(max=max_points).to(torch.int32), slots
-
-
-# ----------------------------------------------------------------------------- sort-based (any device)
-def cells_and_keys_torch(points: torch.Tensor, voxel_size, point_range):
-    """(P, 3) int32 cells (-1 rows outside) and (P,) int64 keys (x*ny + y)*nz + z, grid volume outside."""
-    from .reference import point_cells
-
-    nx, ny, nz = grid_size(voxel_size, point_range)
-    cells = point_cells(points, voxel_size, point_range)
-    c = cells.long()
-    keys = (c[:, 0] * ny + c[:, 1]) * nz + c[:, 2]
-    keys = torch.where(cells[:, 0] >= 0, keys, torch.full_like(keys, nx * ny * nz))
-    return cells, keys
-
-
-def assign_sorted(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int,
-                  cells_and_keys: Optional[Callable] = None):
-    """First-come assignment from one stable sort. Same outputs as `assign_numba`, on any device."""
-    cells, keys = (cells_and_keys or cells_and_keys_torch)(points, voxel_size, point_range)
-    nx, ny, nz = grid_size(voxel_size, point_range)
-    sentinel = nx * ny * nz
-    p, dev = keys.shape[0], keys.device
-    if p == 0:
-        return (torch.zeros(0, 3, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
-                torch.zeros(0, dtype=torch.int64, device=dev))
-    sorted_keys, perm = torch.sort(keys, stable=True)  # stable: within a cell, points stay in input order
-    new_seg = torch.ones(p, dtype=torch.bool, device=dev)
-    new_seg[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    starts = torch.nonzero(new_seg).squeeze(1)  # (U,)
-    seg_id = torch.cumsum(new_seg, 0) - 1
-    seg_len = torch.diff(starts, append=torch.tensor([p], device=dev))
-    seg_valid = sorted_keys[starts] < sentinel
-    first = torch.where(seg_valid, perm[starts], torch.full_like(starts, p))  # first point of each cell
-    order = torch.argsort(first)  # first points are distinct: a deterministic order
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=dev)
-    m = min(int(seg_valid.sum()), max_voxels)
-    pos = torch.arange(p, device=dev) - starts[seg_id]
-    vid = rank[seg_id]
-    keep = (sorted_keys < sentinel) & (vid < m) & (pos < max_points)
-    slots = torch.full((p,), -1, dtype=torch.int64, device=dev)
-    slots[perm] = torch.where(keep, vid * max_points + pos, torch.full_like(pos, -1))
-    kept_segs = order[:m]  # segment of voxel 0, 1, ... m-1
-    coords = cells[first[kept_segs]]
-    counts = seg_len[kept_segs]
-    return coords, counts, slots
-
-
-def scatter_slots_torch(points: torch.Tensor, slots: torch.Tensor, m: int, max_points: int) -> torch.Tensor:
-    out = points.new_zeros((m * max_points, points.shape[1]))
-    keep = slots >= 0
-    out[slots[keep]] = points[keep]
-    return out.view(m, max_points, points.shape[1])
-
-
-def hard_voxelize_sorted(points: torch.Tensor, voxel_size, point_range, max_points: int, max_voxels: int):
-    coords, counts, slots = assign_sorted(points, voxel_size, point_range, max_points, max_voxels)
-    voxels = scatter_slots_torch(points.detach(), slots, coords.shape[0], max_points)
     return voxels, coords, counts.clamp(max=max_points).to(torch.int32), slots

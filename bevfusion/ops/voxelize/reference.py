@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the points
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype of the cell formula: float64 for float64 points, float32 otherwise (as the

@@ -1,6 +1,6 @@
 """Triton voxelization (CUDA tensors; CPU tensors under TRITON_INTERPRET=1 for the tests).
 
-Two kernels around the sort-based assignment of `cpu.assign_sorted`:
+Two kernels around the sort-based assignment of `sort_based.assign_sorted`:
 
 * `_cells_kernel`: per point, the cell (x, y, z) (rows of -1 outside) and the int64 sort key
   (x*ny + y)*nz + z (grid volume outside). Division is `div_rn` (IEEE round-to-nearest, as torch and
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cpu
-from .reference import compute_dtype, grid_size
+from .reference import SUPPORTED_DTYPES, compute_dtype, grid_size
+from .sort_based import assign_sorted
 
 BLOCK = 256
 
@@ -87,7 +87,6 @@ def aot_variants() -> list:
     dtype, `_cells_kernel` for contiguous points (column stride 1, which the JIT makes a constant)
     and for any strides, and `_scatter_kernel` for point widths reaching every BLOCK_F up to 16."""
     from ..triton_aot import I32, I64, launch, ptr
-    from . import SUPPORTED_DTYPES
 
     out = []
     for dtype in SUPPORTED_DTYPES:
@@ -124,7 +123,7 @@ def point_cells(points: torch.Tensor, voxel_size, point_range) -> torch.Tensor:
 
 
 def assign(points, voxel_size, point_range, max_points, max_voxels):
-    return cpu.assign_sorted(points, voxel_size, point_range, max_points, max_voxels, cells_and_keys=cells_and_keys)
+    return assign_sorted(points, voxel_size, point_range, max_points, max_voxels, cells_and_keys=cells_and_keys)
 
 
 def scatter_slots(points: torch.Tensor, slots: torch.Tensor, m: int, max_points: int) -> torch.Tensor:

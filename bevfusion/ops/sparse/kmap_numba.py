@@ -1,16 +1,29 @@
-"""Numba kernel-map builders for CPU (imported lazily by cpu.py): an open-addressing hash of int64
-linear keys, serial loops (deterministic, thread-safe), compiled once and cached on disk."""
-import numba
+"""Kernel maps on the CPU with numba (the "cpu" backend of `kmap.py`), and the tables `KernelMap` derives
+from a CPU map (neighbour table, sorted blocks).
+
+An open-addressing hash table of int64 linear keys (key and value side by side: one cache line per
+probe), filled and probed by serial loops: deterministic, and safe to run from several threads. The
+wrappers at the bottom take and return torch tensors; `kmap.py` turns their pairs into a `KernelMap`.
+numba is imported with this module (through `bevfusion.ops._numba`), which `kmap.py` imports only when a
+CPU map is built.
+"""
+from __future__ import annotations
+
+import math
+
 import numpy as np
+import torch
+
+from .._numba import jit
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _slot(key, mask):
     h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
     return np.int64((h >> np.uint64(29)) & np.uint64(mask))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def hash_build(keys, bits):
     # key and value side by side: one cache line per probe
     size = 1 << bits
@@ -30,7 +43,7 @@ def hash_build(keys, bits):
     return t, dup
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def subm_pairs(coords, offs, shape, t):
     """Centred odd kernel: offset K-1-k mirrors offset k, so only k < centre is searched."""
     n = coords.shape[0]
@@ -83,7 +96,7 @@ def subm_pairs(coords, offs, shape, t):
     return in_idx, out_idx, cnt
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def conv_pairs(coords, ksize, dil, pad, stride, oshape, bits):
     """Pairs of a strided conv, grouped by offset; outputs numbered by first appearance, with their keys.
 
@@ -177,7 +190,7 @@ def conv_pairs(coords, ksize, dil, pad, stride, oshape, bits):
     return in_idx, out_idx, cnt, okeys[:m]
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def nbmap_from_pairs(in_idx, out_idx, ptr, n_out):
     """(n_out, K) int32 neighbour table, -1 where an output has no input through that offset."""
     K = ptr.shape[0] - 1
@@ -188,11 +201,12 @@ def nbmap_from_pairs(in_idx, out_idx, ptr, n_out):
     return nb
 
 
-@numba.njit(cache=True, nogil=True)
-def im2col_plan(nb, rows, n_in):
+@jit
+def sorted_blocks_plan(nb, rows, n_in):
     """Sorted im2col plan from the (n_out, K) neighbour table (-1 = missing).
 
-    Rows are ordered by their neighbour bitmask (descending, stable); per block of `rows` rows, act
+    Rows are ordered by their neighbour bitmask (descending, stable; offset k is bit K-1-k, offsets past
+    the 63rd take no part, as in `KernelMap.sorted_rows`); per block of `rows` rows, act
     marks the offsets some row uses; flat holds every block's (rows_in_block, |act|) gather index,
     concatenated (n_in = the zero row), and starts[b] where block b begins in flat.
     """
@@ -201,7 +215,7 @@ def im2col_plan(nb, rows, n_in):
     for o in range(n_out):
         m = 0
         for k in range(K):
-            if nb[o, k] >= 0:
+            if nb[o, k] >= 0 and K - 1 - k <= 62:
                 m |= np.int64(1) << np.int64(K - 1 - k)
         masks[o] = -m
     order = np.argsort(masks, kind="mergesort")
@@ -232,3 +246,49 @@ def im2col_plan(nb, rows, n_in):
                     flat[p] = v if v >= 0 else n_in
                     p += 1
     return order, act, starts, flat
+
+
+# ----------------------------------------------------------------------------- torch in, torch out
+def _bits(n: int) -> int:
+    return max(4, int(2 * max(n, 1) - 1).bit_length())
+
+
+def subm_map(coords: torch.Tensor, keys: torch.Tensor, offs: torch.Tensor, shape):
+    """(in_idx, out_idx, counts per offset) of a SubM map; raises ValueError on duplicate coordinates."""
+    table, dup = hash_build(keys.numpy(), _bits(keys.shape[0]))
+    if dup >= 0:
+        raise ValueError(f"sparse conv: duplicate coordinates in the input SparseTensor, e.g. (batch, x, y, z) = "
+                         f"{coords[dup].tolist()}")
+    i, o, cnt = subm_pairs(coords.numpy().astype(np.int64), offs.numpy().astype(np.int64), np.asarray(shape, np.int64),
+                           table)
+    return torch.from_numpy(i), torch.from_numpy(o), cnt.tolist()
+
+
+def conv_map(coords: torch.Tensor, kernel_size, dilation, pad, stride, out_shape):
+    """(in_idx, out_idx, counts, out_keys sorted) of a strided conv map, outputs sorted by key."""
+    # along one axis an input reaches the taps with k*dil = const (mod stride), at most
+    # ceil(k / (stride / gcd(stride, dil))) of them: size the table for a load factor <= 1/2
+    reach = 1
+    for k, s, d in zip(kernel_size, stride, dilation):
+        reach *= -(-k // (s // math.gcd(s, d)))
+    i, o, cnt, okeys = conv_pairs(coords.numpy().astype(np.int64), np.asarray(kernel_size, np.int64),
+                                  np.asarray(dilation, np.int64), np.asarray(pad, np.int64),
+                                  np.asarray(stride, np.int64), np.asarray(out_shape, np.int64),
+                                  _bits(reach * coords.shape[0]))
+    okeys = torch.from_numpy(okeys)
+    skeys, order = torch.sort(okeys)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return torch.from_numpy(i), rank[torch.from_numpy(o)], cnt.tolist(), skeys
+
+
+def neighbour_table(in_idx: torch.Tensor, out_idx: torch.Tensor, ptr, n_out: int) -> torch.Tensor:
+    """(n_out, K) int32: the input row feeding output o through offset k, or -1."""
+    return torch.from_numpy(nbmap_from_pairs(in_idx.numpy(), out_idx.numpy(), np.asarray(ptr, np.int64), n_out))
+
+
+def sorted_blocks(nb: torch.Tensor, rows: int, n_in: int):
+    """`KernelMap.sorted_blocks` of a CPU neighbour table: (order (n_out,) int64, per-block active offsets
+    (nblk, K) bool, starts (nblk + 1,) int64, gather indices concatenated (int32))."""
+    order, act, starts, flat = sorted_blocks_plan(nb.numpy(), rows, n_in)
+    return torch.from_numpy(order), torch.from_numpy(act), starts.tolist(), torch.from_numpy(flat)
