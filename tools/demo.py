@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from bevfusion.utils.cli import ToolParser, UsageError, tool_main
 from bevfusion.utils.logging import get_logger
@@ -30,10 +31,11 @@ class Step:
     done_marker: Path | None  # the step is skipped when this exists (unless --force)
 
 
-def build_steps(data: Path, work: Path, config: Path, version: str) -> list[Step]:
+def build_steps(data: Path, work: Path, config: Path, version: str, overrides: Sequence[str] = ()) -> list[Step]:
     ckpt = work / "latest.pth"
     results = work / "results.pkl"
-    root = ["--set", f"dataset_root={data.as_posix().rstrip('/')}/"]  # the config reads the drive from here
+    # the config reads the drive from here; `overrides` (--set) go to every config-driven step
+    root = ["--set", f"dataset_root={data.as_posix().rstrip('/')}/", *overrides]
     return [
         Step("generate the synthetic drive", "make_synthetic.py",
              ["--out", str(data), "--seed", "0"], data / version),
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model config trained by the demo")
     parser.add_argument("--version", default="v1.0-mini", help="dataset version written by the generator")
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the train, evaluate and visualize steps (e.g. max_epochs=4)")
     args = parser.parse_args(argv)
     if not args.config.is_file():
         raise UsageError(f"--config {args.config}: file not found")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{option} {path}: exists and is a file, not a folder")
 
     t0 = time.time()
-    steps = build_steps(args.data, args.work_dir, args.config, args.version)
+    steps = build_steps(args.data, args.work_dir, args.config, args.version, args.overrides)
     if args.force:
         steps[0].args.append("--overwrite")  # regenerate even a drive made with the same settings
     for i, step in enumerate(steps, 1):

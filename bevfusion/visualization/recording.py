@@ -415,10 +415,7 @@ class DriveLogger:
             if not strips:
                 rec.log(f"{entity}/{group}", rr.Clear(recursive=True))
                 continue
-            colors = self._colors(group, names)
-            rec.log(f"{entity}/{group}/boxes", rr.LineStrips2D(
-                [s.astype(np.float32) for s in strips], colors=colors[source], radii=RADIUS_2D[group],
-                draw_order=DRAW_ORDER[group]))
+            colors = self._log_strips(f"{entity}/{group}/boxes", group, names, strips, source)
             if group == "pred":  # one label per visible box, at the top of what is drawn of it
                 shown = np.unique(source)
                 anchors = []
@@ -447,10 +444,16 @@ class DriveLogger:
         if not strips:
             rec.log(f"bev/{group}/boxes", rr.Clear(recursive=False))
             return
+        self._log_strips(f"bev/{group}/boxes", group, names, strips, source)
+
+    def _log_strips(self, entity: str, group: str, names: list[str], strips: list[np.ndarray],
+                    source: np.ndarray) -> np.ndarray:
+        """Box outlines (2D strips, `source[i]` the box of strip i) in the group's style; returns the box colours."""
         colors = self._colors(group, names)
-        rec.log(f"bev/{group}/boxes", rr.LineStrips2D(
+        self.rec.log(entity, self.rr.LineStrips2D(
             [s.astype(np.float32) for s in strips], colors=colors[source], radii=RADIUS_2D[group],
             draw_order=DRAW_ORDER[group]))
+        return colors
 
 
 def _visual_bounds(width: float, height: float):

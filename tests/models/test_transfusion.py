@@ -404,3 +404,24 @@ def test_loss_values_by_hand():
     hm = (-(p + 1e-12).log() * (1 - p) ** 2 * pos - (1 - p + 1e-12).log() * p ** 2 * (1 - heat_t) ** 4).sum()
     assert pos.sum().item() == 2
     assert losses["loss_heatmap"].item() == pytest.approx(hm.item() / 2, rel=1e-5)
+
+
+def test_heatmap_init_bias_is_opt_in():
+    """The official head keeps torch's init for its class logits; `heatmap_init_bias` (not official) sets the dense
+    heatmap's and every decoder layer's class-logit bias, and the initial heatmap loss drops accordingly."""
+    torch.manual_seed(0)
+    official = TransFusionHead(**SMALL)
+    assert official.heatmap_head[-1].bias.abs().max() < 1.0  # torch's uniform(-1/sqrt(fan_in), ...) init
+    torch.manual_seed(0)
+    biased = TransFusionHead(**{**SMALL, "heatmap_init_bias": -2.19})
+    assert torch.all(biased.heatmap_head[-1].bias == torch.tensor(-2.19))
+    for ffn in biased.prediction_heads:
+        assert torch.all(ffn.heatmap[-1].bias == torch.tensor(-2.19))
+    # every other parameter is the official init (same seed, same construction order)
+    a, b = official.state_dict(), biased.state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert sorted(changed) == sorted(["heatmap_head.1.bias"] + [f"prediction_heads.{i}.heatmap.1.bias"
+                                                                 for i in range(len(biased.prediction_heads))])
+    # sigmoid(-2.19) ~ 0.1: the untrained dense heatmap is mostly background, as the targets are
+    x = torch.randn(1, SMALL["in_channels"], 16, 16)
+    assert torch.sigmoid(biased.heatmap_head(biased.shared_conv(x))).mean() < 0.2

@@ -13,3 +13,13 @@ def viz_infos(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("viz_infos")
     written = create_nuscenes_infos(synthetic_root, "v1.0-mini", out, max_sweeps=10)
     return synthetic_root, written
+
+
+@pytest.fixture
+def strict_rerun():
+    """rerun in strict mode for the test: a dropped or malformed archetype raises instead of logging a warning."""
+    rr = pytest.importorskip("rerun")
+    before = rr.error_utils.strict_mode()
+    rr.set_strict_mode(True)
+    yield
+    rr.set_strict_mode(before)

@@ -36,12 +36,7 @@ N_SAMPLES = 3
 EVERYTHING = LogOptions(view_range=None)
 
 
-@pytest.fixture(autouse=True)
-def strict_rerun():
-    before = rr.error_utils.strict_mode()
-    rr.set_strict_mode(True)
-    yield
-    rr.set_strict_mode(before)
+pytestmark = pytest.mark.usefixtures("strict_rerun")  # tests/visualization/conftest.py
 
 
 @pytest.fixture(scope="module")

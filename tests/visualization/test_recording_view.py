@@ -25,12 +25,7 @@ NUSC_LIDAR_Q = (0.7077955119163518, -0.006492242056004365, 0.010646214713995808,
 NUSC_LIDAR_T = (0.943713, 0.0, 1.84023)
 
 
-@pytest.fixture(autouse=True)
-def strict_rerun():
-    before = rr.error_utils.strict_mode()
-    rr.set_strict_mode(True)
-    yield
-    rr.set_strict_mode(before)
+pytestmark = pytest.mark.usefixtures("strict_rerun")  # tests/visualization/conftest.py
 
 
 def quat_matrix(w, x, y, z):

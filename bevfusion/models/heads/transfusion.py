@@ -206,6 +206,10 @@ class TransFusionHead(nn.Module):
             and 9; grid_size, out_size_factor, nms_type (None, "circle" or "rotate"), pc_range, voxel_size).
         conv_cfg, norm_cfg, bias, initialize_last_layer: accepted so official configs load, and ignored:
             the official choices (Conv1d/BN1d FFN, conv biases as listed in facts §2.4) are built in.
+        heatmap_init_bias: not official (None, the default, keeps torch's init as upstream): the initial bias
+            of the dense heatmap's last conv and of each decoder layer's class logits, e.g. -2.19 (a prior
+            probability of 0.1, CenterNet's choice). Training from scratch starts with a small heatmap loss
+            instead of one dominated by the background; the synthetic demo config uses it.
     """
 
     def __init__(self, num_proposals: int = 128, auxiliary: bool = True, in_channels: int = 128 * 3,
@@ -217,7 +221,7 @@ class TransFusionHead(nn.Module):
                  train_cfg: TransFusionTrainSettings | Mapping[str, Any] | None = None,
                  test_cfg: TransFusionTestSettings | Mapping[str, Any] | None = None,
                  bbox_coder: TransFusionBBoxCoder | Mapping[str, Any] | None = None,
-                 initialize_last_layer: bool = False):
+                 initialize_last_layer: bool = False, heatmap_init_bias: float | None = None):
         super().__init__()
         if in_channels is None:
             raise ValueError("TransFusionHead: in_channels must be set (the decoder's output channels)")
@@ -258,6 +262,11 @@ class TransFusionHead(nn.Module):
             heads["heatmap"] = (num_classes, num_heatmap_convs)
             self.prediction_heads.append(FFN(hidden_channel, heads))
         self.init_weights()
+        if heatmap_init_bias is not None:
+            with torch.no_grad():
+                self.heatmap_head[-1].bias.fill_(float(heatmap_init_bias))
+                for ffn in self.prediction_heads:
+                    ffn.heatmap[-1].bias.fill_(float(heatmap_init_bias))
 
         if bbox_coder is None:
             raise ValueError("bbox_coder is required ({type: TransFusionBBoxCoder, pc_range, out_size_factor, "
