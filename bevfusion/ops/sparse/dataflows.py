@@ -7,17 +7,17 @@
 
 Both are race-free and deterministic at any thread count: within one kernel offset every output row
 receives at most one input row, so the per-offset scatter never writes a row twice, and the im2col
-blocks write disjoint rows (the weight gradient sums per-thread partials in chunk order).
+blocks write disjoint rows (the weight gradient sums the blocks in order).
 
-Threads: im2col splits its blocks over the ops' thread pool (`bevfusion.ops._threads`), whole blocks
-per thread, so the small per-block ops need no barrier between threads; each op inside uses torch's
-intra-op thread count, which is never changed here.
+Threads: both run in the calling thread; each GEMM and gather uses torch's intra-op threads (never changed
+here). Splitting the im2col blocks over Python threads (each running torch ops) was 1.5x slower for the whole
+model on 2 cores (issue 15, docs/PERFORMANCE.md): every such thread gets its own OpenMP team, whose spinning
+threads then slow down the dense layers that follow.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _threads
 from .kmap import KernelMap
 
 __all__ = ["gather_gemm_scatter", "wgrad_gather", "im2col_gemm", "wgrad_im2col", "BLOCK_ROWS"]
@@ -59,11 +59,6 @@ def wgrad_gather(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -
     return dw
 
 
-def _block_bounds(nblocks: int) -> list[int]:
-    """Contiguous block ranges, one per thread, at least 4 blocks each."""
-    return _threads.even_bounds(nblocks, min(_threads.num_threads(), nblocks // 4))
-
-
 def im2col_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
     """Output-stationary blocked im2col over the sorted map: per block, gather (rows, |A|*Cin) for the
     block's active offsets A and run one GEMM with weight[A]. Every block writes its own rows."""
@@ -89,15 +84,14 @@ def im2col_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -> t
             cols = fpad.index_select(0, idx).view(e - s, -1)
             torch.mm(cols, w, out=out_sorted[s:e])
 
-    _threads.run_chunks(work, _block_bounds(len(blocks)))
+    work(0, len(blocks))
     out = torch.empty_like(out_sorted)
     out.index_copy_(0, order, out_sorted)
     return out
 
 
 def wgrad_im2col(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """Same as `wgrad_gather`, accumulated over the sorted im2col blocks (per-thread partial sums,
-    added in chunk order)."""
+    """Same as `wgrad_gather`, accumulated over the sorted im2col blocks in order."""
     K, cin, cout = kmap.kernel_volume, feats.shape[1], grad_out.shape[1]
     dw = feats.new_zeros(K, cin, cout)
     if kmap.n_out == 0:
@@ -122,6 +116,5 @@ def wgrad_im2col(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap) -
             part.index_add_(0, act_t, a.view(-1, cin, cout))
         return part
 
-    for part in _threads.run_chunks(work, _block_bounds(len(blocks))):
-        dw += part
+    dw += work(0, len(blocks))
     return dw
