@@ -25,9 +25,9 @@ import contextlib
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["Registry", "RegistryError", "REGISTRY", "Partial", "build", "built", "lookup", "check_kwargs"]
+__all__ = ["Registry", "RegistryError", "REGISTRY", "Partial", "build", "built", "lookup", "check_keys", "check_kwargs"]
 
 
 class RegistryError(ValueError, KeyError):
@@ -57,9 +57,7 @@ def _call(target: Callable[..., Any], kwargs: Mapping[str, Any], path: str) -> A
     """`target(**kwargs)`; a ValueError/TypeError of the constructor becomes a RegistryError with the path."""
     try:
         return target(**kwargs)
-    except RegistryError:
-        raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # RegistryError included: one from a nested build already has its path
         where = f"{path}: " if path else ""
         message = str(exc)
         raise RegistryError(message if path and message.startswith(path) else f"{where}{message}") from exc
@@ -153,6 +151,25 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def check_keys(given: Iterable[Any], accepted: Sequence[str], required: Sequence[str] = (), path: str = "",
+               owner: str | None = None) -> None:
+    """Raise RegistryError naming `path` for a key of `given` not in `accepted` (with the closest accepted
+    name) or a `required` name missing from `given`; `owner` names what the keys are for."""
+    given = list(given)
+    where = f"{path}: " if path else ""
+    of = f" for {owner}" if owner else ""
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(accepted), n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else str(k))
+        raise RegistryError(f"{where}unknown key {', '.join(hints)}{of} (expected {', '.join(accepted)})")
+    missing = [k for k in required if k not in given]
+    if missing:
+        raise RegistryError(f"{where}missing key {', '.join(missing)}{of}")
+
+
 def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = "", complete: bool = True) -> None:
     """Raise RegistryError naming `path` if `kwargs` cannot be passed to `fn` (with `complete=False`, required
     arguments may still be missing: a `Partial` gets them later)."""
@@ -161,24 +178,10 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], path: str = 
     except (TypeError, ValueError):  # builtins without a signature: let the call decide
         return
     params = sig.parameters
-    name = getattr(fn, "__name__", str(fn))
-    where = f"{path}: " if path else ""
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        accepted = [n for n, p in params.items()
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
-        unknown = [k for k in kwargs if k not in accepted]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, accepted, n=1)
-                hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
-            raise RegistryError(f"{where}unknown key {', '.join(hints)} for {name} "
-                                f"(expected {', '.join(accepted)})")
-    missing = [n for n, p in params.items()
-               if n != "self" and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and n not in kwargs]
-    if missing and complete:
-        raise RegistryError(f"{where}missing key {', '.join(missing)} for {name}")
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    accepted = list(kwargs) if any(p.kind is p.VAR_KEYWORD for p in params.values()) else named
+    required = [n for n in named if params[n].default is params[n].empty] if complete else []
+    check_keys(kwargs, accepted, required, path, getattr(fn, "__name__", str(fn)))
 
 
 # The official `type` names we implement. Add a line when a class lands; keep it sorted by section.

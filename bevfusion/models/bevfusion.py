@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from bevfusion.registry import RegistryError, build
+from bevfusion.registry import RegistryError, build, check_keys
 
 __all__ = ["BEVFusion", "CameraEncoder", "LidarEncoder", "Decoder", "CAMERA_GEOMETRY"]
 
@@ -273,13 +273,7 @@ def _check_keys(cfg: Any, required: Sequence[str], path: str, optional: Sequence
     """A container section has exactly the expected keys (unknown ones fail with the path and the names)."""
     if not isinstance(cfg, Mapping):
         raise RegistryError(f"{path}: expected a mapping, got {type(cfg).__name__}")
-    allowed = (*required, *optional)
-    unknown = [str(k) for k in cfg if k not in allowed]
-    if unknown:
-        raise RegistryError(f"{path}: unknown key {', '.join(unknown)} (expected {', '.join(allowed)})")
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise RegistryError(f"{path}: missing key {', '.join(missing)}")
+    check_keys(cfg, (*required, *optional), required, path)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

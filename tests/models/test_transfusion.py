@@ -425,3 +425,18 @@ def test_heatmap_init_bias_is_opt_in():
     # sigmoid(-2.19) ~ 0.1: the untrained dense heatmap is mostly background, as the targets are
     x = torch.randn(1, SMALL["in_channels"], 16, 16)
     assert torch.sigmoid(biased.heatmap_head(biased.shared_conv(x))).mean() < 0.2
+
+
+def test_settings_errors_name_the_key():
+    from bevfusion.registry import RegistryError, build
+
+    bad = {**SMALL["train_cfg"], "min_radus": 2}
+    with pytest.raises(RegistryError, match=r"^model.heads.object: train_cfg: unknown key min_radus \(did you mean "
+                                            r"min_radius\?\)"):
+        build({"type": "TransFusionHead", **{**SMALL, "train_cfg": bad}}, "model.heads.object")
+    bad = {k: v for k, v in SMALL["train_cfg"].items() if k != "grid_size"}
+    with pytest.raises(RegistryError, match=r"train_cfg: missing key grid_size"):
+        build({"type": "TransFusionHead", **{**SMALL, "train_cfg": bad}}, "model.heads.object")
+    bad = {**SMALL["train_cfg"], "min_radius": "two"}
+    with pytest.raises(RegistryError, match=r"train_cfg.min_radius: expected an integer, got 'two'"):
+        build({"type": "TransFusionHead", **{**SMALL, "train_cfg": bad}}, "model.heads.object")

@@ -10,7 +10,6 @@ min_radus (did you mean min_radius?)`), not in the middle of the first training 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
@@ -151,14 +150,7 @@ def settings_from(cls: type[T], value: T | Mapping[str, Any] | None, path: str) 
     if not isinstance(value, Mapping):
         raise ValueError(f"{path}: expected a mapping, got {type(value).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in value if k not in fields]
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hints.append(f"{k} (did you mean {close[0]}?)" if close else str(k))
-        raise ValueError(f"{path}: unknown key {', '.join(hints)} (expected {', '.join(fields)})")
-    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in value]
-    if missing:
-        raise ValueError(f"{path}: missing key {', '.join(missing)}")
+    from bevfusion.registry import check_keys
+
+    check_keys(value, list(fields), [n for n, f in fields.items() if f.default is dataclasses.MISSING], path)
     return cls(**{k: _convert(v, fields[k].metadata, f"{path}.{k}") for k, v in value.items()})
